@@ -1,0 +1,71 @@
+# sdkit: everything a learner, teacher or CI machine needs, from only Python and make.
+#
+#   make lab              set up .venv (first time) and open JupyterLab on notebooks/
+#   make test             set up .venv and run every unit test and every notebook (nbval lax)
+#   make lint             ruff check
+#   make clean-notebooks  strip outputs and execution counts from notebooks/*.ipynb
+#
+# Variables: PYTHON (python3), VENV (.venv), LAB_ARGS (e.g. --port 8899),
+# PYTEST_ARGS (e.g. notebooks/01_forward_noising.ipynb or -k device).
+
+PYTHON ?= python3
+VENV ?= .venv
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Open a browser only where there is a display (macOS always has one).
+ifeq ($(strip $(DISPLAY)$(WAYLAND_DISPLAY)$(filter Darwin,$(shell uname -s))),)
+NO_BROWSER := --no-browser
+endif
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+ifeq ($(shell id -u),0)
+ALLOW_ROOT := --allow-root
+endif
+
+.PHONY: setup lab test lint clean-notebooks strip
+
+setup: $(STAMP)
+
+# Re-installs only when requirements.txt or pyproject.toml is newer than the stamp.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-deps -e .
+	touch $@
+
+lab: $(STAMP)
+	@echo "Starting JupyterLab; open the http://127.0.0.1:... URL it prints below."
+	$(BIN)/jupyter lab notebooks/ $(NO_BROWSER) $(ALLOW_ROOT) $(LAB_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# (test-latest goes here)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Outputs, execution counts, per-cell timings and the machine's language_info go;
+# cell tags (e.g. for nbval) and the kernelspec stay.
+define STRIP_NOTEBOOKS
+import sys, nbformat
+for path in sys.argv[1:]:
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    nb.metadata["language_info"] = {"name": "python"}
+    nbformat.write(nb, path)
+    print("stripped", path)
+endef
+export STRIP_NOTEBOOKS
+
+clean-notebooks: $(STAMP)
+	$(BIN)/python -c "$$STRIP_NOTEBOOKS" notebooks/*.ipynb
+
+strip: clean-notebooks

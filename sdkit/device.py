@@ -1,0 +1,226 @@
+"""Pick the torch device and dtype that sdkit's notebooks run on.
+
+One function does the work, `get_device`. It looks, in this order, at
+
+1. its arguments (`device=`, `dtype=`),
+2. the environment variables `SDKIT_DEVICE` and `SDKIT_DTYPE`,
+3. the machine: a CUDA GPU gives (cuda, float16), Apple's MPS gives
+   (mps, float32), anything else gives (cpu, float32).
+
+It answers with a `DeviceChoice`: the device, the dtype and a sentence saying
+why. Inputs it does not understand, or cannot honour on this machine, raise
+`DeviceError` (a `ValueError`) naming the parameter, the value and what is
+allowed. Nothing is silently "fixed": asking for CUDA on a laptop is an error,
+not a quiet fall-back to the CPU.
+
+Why float32 on MPS? float16 works for many models on recent macOS, but some
+ops still give NaNs (black images) or are missing; float32 is the safe default
+and `SDKIT_DTYPE=float16` opts in.
+
+What it leaves out: multi-GPU placement, XPU/TPU/ROCm-specific handling (a ROCm
+build of torch reports itself as CUDA and is treated as such), memory-based
+heuristics and float64.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+DEVICE_ENV = "SDKIT_DEVICE"
+DTYPE_ENV = "SDKIT_DTYPE"
+
+# every spelling sdkit accepts for a dtype, mapped to the torch dtype
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_DTYPE_NAMES = "'float32' (fp32), 'float16' (fp16, half), 'bfloat16' (bf16)"
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps(:0)?|cuda(:\d+)?)$")
+_DEVICE_NAMES = "'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+
+
+class DeviceError(ValueError):
+    """A device or dtype that sdkit does not understand or cannot use here.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where tensors go and in which precision, plus why.
+
+    Unpacks like a pair: `device, dtype = get_device()`.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+    def __iter__(self):
+        yield self.device
+        yield self.dtype
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """The device strings `get_device` would accept on this machine.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def _allowed_here() -> str:
+    return ", ".join(repr(name) for name in available_devices())
+
+
+def _pick(argument, env_name: str):
+    """Return (value, name of where it came from); (None, None) when unset."""
+    if argument is not None:
+        return argument, env_name.removeprefix("SDKIT_").lower()
+    value = os.environ.get(env_name, "").strip()
+    if value:
+        return value, env_name
+    return None, None
+
+
+def _resolve_device(value, source) -> tuple[torch.device, str]:
+    if value is None or value == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "a CUDA GPU is available"
+        if _mps_available():
+            return torch.device("mps"), "Apple MPS is available (no CUDA)"
+        return torch.device("cpu"), "no CUDA GPU or Apple MPS found"
+
+    text = str(value) if isinstance(value, torch.device) else value
+    if not isinstance(text, str) or not _DEVICE_PATTERN.match(text.strip().lower()):
+        raise DeviceError(
+            f"{source}={value!r} is not a device sdkit knows; allowed: {_DEVICE_NAMES} "
+            f"(available on this machine: {_allowed_here()})"
+        )
+    text = text.strip().lower()
+    if text == "auto":
+        return _resolve_device(None, source)
+    where = f"from {source}" if source.isupper() else f"from the {source}= argument"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"{source}={value!r} was requested but torch.cuda.is_available() is False "
+                f"on this machine; allowed here: {_allowed_here()}. "
+                "(Is this a CPU-only build of torch? torch.version.cuda is "
+                f"{torch.version.cuda!r}; see README.md for installing a CUDA build.)"
+            )
+        index = int(text.split(":")[1]) if ":" in text else None
+        if index is not None and index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"{source}={value!r} asks for GPU number {index} but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s); allowed here: {_allowed_here()}"
+            )
+        return torch.device(text), where
+    if text.startswith("mps"):
+        if not _mps_available():
+            raise DeviceError(
+                f"{source}={value!r} was requested but torch.backends.mps.is_available() is "
+                f"False on this machine (MPS needs Apple silicon and macOS 12.3+); "
+                f"allowed here: {_allowed_here()}"
+            )
+        return torch.device("mps"), where
+    return torch.device("cpu"), where
+
+
+def _resolve_dtype(value, source, device: torch.device) -> tuple[torch.dtype, str]:
+    if value is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        return dtype, f"sdkit's default on {device.type}"
+
+    if isinstance(value, torch.dtype):
+        dtype = value if value in _DTYPES.values() else None
+    elif isinstance(value, str):
+        dtype = _DTYPES.get(value.strip().lower().removeprefix("torch."))
+    else:
+        dtype = None
+    if dtype is None:
+        raise DeviceError(
+            f"{source}={value!r} is not a dtype sdkit supports; allowed: {_DTYPE_NAMES}"
+        )
+    if dtype == torch.float16 and device.type == "cpu":
+        raise DeviceError(
+            f"{source}={value!r} was requested on the CPU; CPU matmuls and convolutions in "
+            "float16 are slow or unsupported for many ops; allowed on cpu: 'float32', "
+            "'bfloat16' (use a CUDA GPU for float16)"
+        )
+    where = f"from {source}" if source.isupper() else f"from the {source}= argument"
+    return dtype, where
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def get_device(device=None, dtype=None) -> DeviceChoice:
+    """Choose the device and dtype for this machine, or check the ones asked for.
+
+    device: None (ask `SDKIT_DEVICE`, then pick automatically), 'auto', 'cpu',
+        'cuda', 'cuda:N', 'mps' or a `torch.device`.
+    dtype: None (ask `SDKIT_DTYPE`, then use the device's default), a string
+        such as 'float32', 'float16', 'bfloat16' (or 'fp32', 'fp16', 'bf16'),
+        or a `torch.dtype`.
+
+    Arguments beat environment variables, which beat the automatic choice.
+    Raises `DeviceError` (a ValueError) for anything unknown or unavailable.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+    device_value, device_source = _pick(device, DEVICE_ENV)
+    chosen_device, device_why = _resolve_device(device_value, device_source)
+    dtype_value, dtype_source = _pick(dtype, DTYPE_ENV)
+    chosen_dtype, dtype_why = _resolve_dtype(dtype_value, dtype_source, chosen_device)
+    reason = (
+        f"device {chosen_device} ({device_why}); dtype {_dtype_name(chosen_dtype)} ({dtype_why})"
+    )
+    return DeviceChoice(chosen_device, chosen_dtype, reason)
+
+
+def describe_device(choice: DeviceChoice | None = None) -> str:
+    """A few human-readable lines: what was chosen, why, and what the machine has.
+
+    With no argument it calls `get_device()` first.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+    if choice is None:
+        choice = get_device()
+    lines = [
+        f"sdkit will use {choice.device} with {_dtype_name(choice.dtype)}",
+        f"  why: {choice.reason}",
+        f"  torch {torch.__version__} (built for CUDA {torch.version.cuda or '-'})",
+        f"  CUDA available: {torch.cuda.is_available()}; MPS available: {_mps_available()}",
+    ]
+    if choice.device.type == "cuda":
+        index = choice.device.index if choice.device.index is not None else 0
+        props = torch.cuda.get_device_properties(index)
+        free, total = (n / 2**30 for n in torch.cuda.mem_get_info(index))
+        lines.append(f"  GPU {index}: {props.name}, {total:.1f} GiB memory ({free:.1f} GiB free)")
+    return "\n".join(lines)
