@@ -24,8 +24,8 @@ class SdkitInputError(ValueError):
 def fail(name: str, value, allowed: str):
     """Raise the kit's standard error: ``name=value`` and what is allowed instead."""
     shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    if len(shown) > 80:  # keep both ends: a long path's file name stays visible
+        shown = shown[:38] + "..." + shown[-39:]
     raise SdkitInputError(f"{name}={shown} is not allowed: {allowed}")
 
 
@@ -121,7 +121,9 @@ def check_prompt(prompt, tokenizer=None, name: str = "prompt", allow_empty: bool
         unknown = [w for w in prompt.lower().split()
                    if w + "</w>" not in vocab and w not in vocab]
         if unknown:
-            words = sorted(k[:-4] for k in vocab if k.endswith("</w>") and len(k) > 5)
+            from .toy import world_words  # the toy model's own words, plus any added tokens
+
+            words = sorted(set(world_words()) | set(tokenizer.get_added_vocab()))
             fail(name, prompt, f"the toy model has no token for {unknown}; known words: "
                                f"{', '.join(words)} (notebook 03 shows what real CLIP does "
                                f"with unknown words)")

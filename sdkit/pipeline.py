@@ -276,6 +276,11 @@ def generate(pipe, prompt: str, seed: int = 0, num_inference_steps: int | None =
     scale = checks.check_guidance(d["guidance_scale"] if guidance_scale is None else guidance_scale)
     checks.check_prompt(prompt, pipe.tokenizer, allow_empty=scale == 0)
     seed = checks.check_seed(seed)
+    if "height" in kwargs or "width" in kwargs:
+        # diffusers resets both to the default when only one is given: check both here
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        kwargs["height"], kwargs["width"] = checks.check_size(kwargs.get("height") or side,
+                                                              kwargs.get("width") or side)
     g = torch.Generator("cpu").manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, guidance_scale=scale, generator=g,
                 **kwargs).images[0]
@@ -320,12 +325,17 @@ def peak_memory_bytes(device=None) -> int:
 def check_fp16_bytes(pipe, answer, part: str = "unet") -> bool:
     """Notebook 06's exercise: how many bytes do ``part``'s weights take in float16?
 
-    Prints whether ``answer`` is right (and a hint if not); returns True or False.
+    ``answer``: an int, or None (not answered yet). Prints whether it is right (and a hint
+    if not); returns True or False.
 
     Introduced in notebooks/06_full_generation.ipynb.
     """
     counts = parameter_counts(pipe)
     checks.check_choice("part", part, sorted(counts))
+    if answer is None:
+        print(f"Not answered yet: set answer to the number of bytes {part}'s weights take "
+              "in float16.")
+        return False
     answer = checks.check_int("answer", answer, 0)
     right = counts[part] * 2
     if answer == right:

@@ -185,7 +185,6 @@ def render(objects, seed: int) -> Example:
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
     objects = tuple(objects)
-    caption = caption_of(objects)  # checks the count
     for o in objects:
         if o.colour not in COLOURS:
             raise ValueError(f"colour={o.colour!r} is not known; allowed: {sorted(COLOURS)}")
@@ -193,6 +192,7 @@ def render(objects, seed: int) -> Example:
             raise ValueError(f"shape={o.shape!r} is not known; allowed: {list(SHAPES)}")
         if o.position not in POSITIONS:
             raise ValueError(f"position={o.position!r} is not known; allowed: {list(POSITIONS)}")
+    caption = caption_of(objects)  # checks the count
     rng = np.random.default_rng(seed)
     # pale background: a random light tint plus a gentle linear gradient
     base = rng.uniform(225, 250, size=3)
@@ -275,9 +275,9 @@ def _to_uint8_rgb(image) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image: expected an RGB image of shape (H, W, 3), got shape {arr.shape}")
     if arr.dtype != np.uint8:
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"image: expected uint8 or float in [0, 1], got dtype {arr.dtype}")
-        arr = np.clip(np.round(arr * 255), 0, 255).astype(np.uint8)
+        from .checks import check_image
+
+        arr = (check_image(arr) * 255).round().astype(np.uint8)  # refuses floats outside [0, 1]
     return arr
 
 
