@@ -43,7 +43,35 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# (test-latest goes here)
+# Library drift: the whole suite against the newest diffusers/transformers (and their
+# companions) that the package index offers, in a separate venv, torch kept at its pin via a
+# constraints file (so pip cannot swap in another torch build). Prints the versions it tested.
+LATEST ?= .venv-latest
+LATEST_UPGRADE ?= diffusers transformers huggingface-hub tokenizers accelerate peft safetensors
+
+define SHOW_VERSIONS
+import re, sys
+from importlib.metadata import version
+pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open("requirements.txt").read(), re.M))
+print("test-latest: versions tested (requirements.txt pin -> installed in $(LATEST))")
+for name in ["torch"] + sys.argv[1:]:
+    have, pin = version(name), pins.get(name, "-")
+    note = "" if have.split("+")[0] == pin else "   <- differs from the pin"
+    print(f"  {name:16} {pin:>10} -> {have}{note}")
+endef
+export SHOW_VERSIONS
+
+.PHONY: test-latest
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	grep -E '^torch==' requirements.txt > $(LATEST)/constraints.txt
+	grep -v -i -E "^($$(echo $(LATEST_UPGRADE) | tr ' ' '|'))==" requirements.txt > $(LATEST)/base.txt
+	$(LATEST)/bin/python -m pip install -U -r $(LATEST)/base.txt -c $(LATEST)/constraints.txt \
+		$(LATEST_UPGRADE)
+	$(LATEST)/bin/python -m pip install --no-deps -e .
+	$(LATEST)/bin/python -c "$$SHOW_VERSIONS" $(LATEST_UPGRADE)
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS); status=$$?; \
+		$(LATEST)/bin/python -c "$$SHOW_VERSIONS" $(LATEST_UPGRADE); exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

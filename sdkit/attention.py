@@ -210,7 +210,8 @@ class AttentionStore:
         batch = recs[0][2].shape[0]
         item = checks.check_int("item", item, 0, batch - 1)
         sides = [math.isqrt(p.shape[1]) for _, _, p in recs]
-        size = checks.check_int("size", size, 1, 4096) if size is not None else max(sides)
+        largest = max(self.resolutions_seen)
+        size = checks.check_int("size", size, 1, 4096) if size is not None else largest
         acc = torch.zeros(recs[0][2].shape[2], size, size)
         for (_, _, p), side in zip(recs, sides, strict=True):
             m = p[item].float().T.reshape(1, -1, side, side)  # (1, T, side, side)
@@ -367,6 +368,42 @@ def point_objects(image, maps, prompt: str, tokenizer) -> list[dict]:
     return out
 
 
+@torch.no_grad()
+def collect_pointing(pipe, prompts, seeds, num_inference_steps: int | None = None,
+                     guidance_scale: float | None = None) -> list[dict]:
+    """Generate each prompt with its seed under an ``AttentionStore`` (one image at a time, as
+    ``python -m sdkit.toy evaluate`` does) and point its objects (``point_objects``).
+
+    Returns one dict per prompt: ``prompt``, ``seed``, ``image`` (64, 64, 3) uint8, ``maps``
+    (T, 16, 16) and ``objects`` (the list ``point_objects`` gives). Shows a progress bar.
+
+    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    """
+    from tqdm.auto import tqdm
+
+    from .pipeline import default_settings
+
+    d = default_settings(pipe)
+    steps = checks.check_steps(d["num_inference_steps"] if num_inference_steps is None
+                               else num_inference_steps)
+    scale = checks.check_guidance(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+    prompts, seeds = list(prompts), list(seeds)
+    if len(prompts) != len(seeds) or not prompts:
+        checks.fail("seeds", seeds, f"expected one seed per prompt ({len(prompts)} prompts)")
+    out = []
+    for p, s in tqdm(list(zip(prompts, seeds, strict=True)), desc="generating with capture"):
+        checks.check_prompt(p, pipe.tokenizer)
+        g = torch.Generator("cpu").manual_seed(checks.check_seed(s))
+        with AttentionStore(pipe.unet) as store:
+            im = pipe(p, num_inference_steps=steps, guidance_scale=scale, generator=g,
+                      output_type="np").images[0]
+        im = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
+        maps = store.word_maps()
+        out.append({"prompt": p, "seed": s, "image": im, "maps": maps,
+                    "objects": point_objects(im, maps, p, pipe.tokenizer)})
+    return out
+
+
 # ----------------------------------------------------------------------------- pictures
 
 
@@ -406,6 +443,71 @@ def show_word_maps(image, maps, tokens, skip_special: bool = True, cols: int = 8
         ax.set_title(f"{i}: {t}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def show_map_rows(image, rows: dict, tokens, indices):
+    """A table of heatmaps over the image: one row per entry of ``rows`` (label -> (T, h, w)
+    maps, e.g. one per resolution or per part of the denoising), one column per token index
+    in ``indices``. Each map is scaled to its own max. Returns the matplotlib figure.
+
+    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    """
+    import matplotlib.pyplot as plt
+
+    img = checks.check_image(image)
+    if not isinstance(rows, dict) or not rows:
+        checks.fail("rows", rows, "expected a dict label -> (T, h, w) maps")
+    indices = [checks.check_int("indices", i, 0, len(tokens) - 1) for i in indices]
+    fig, axes = plt.subplots(len(rows), len(indices) + 1,
+                             figsize=(1.5 * (len(indices) + 1), 1.6 * len(rows)), squeeze=False)
+    for r, (label, maps) in enumerate(rows.items()):
+        maps = torch.as_tensor(maps).float()
+        if maps.ndim != 3:
+            checks.fail("rows", f"{label}: shape {tuple(maps.shape)}", "expected (T, h, w) maps")
+        up = F.interpolate(maps[None, indices], size=img.shape[:2], mode="bilinear",
+                           align_corners=False)[0]
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_ylabel(str(label), fontsize=9)
+        for c, i in enumerate(indices):
+            ax = axes[r, c + 1]
+            ax.imshow(img)
+            ax.imshow((up[c] / up[c].max().clamp_min(1e-12)).numpy(), cmap="jet", alpha=0.55,
+                      vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(f"{i}: {tokens[i]}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def show_pointing(results, max_objects: int = 8):
+    """Objects from ``collect_pointing``: the image with the checker's blob outlined (white)
+    and the peak of the object's attention map (a cross: green inside, red outside).
+
+    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    """
+    import matplotlib.pyplot as plt
+
+    checks.check_int("max_objects", max_objects, 1, 64)
+    objs = [(r, o) for r in results for o in r["objects"]][:max_objects]
+    if not objs:
+        checks.fail("results", "no objects", "expected results with objects the checker found")
+    fig, axes = plt.subplots(1, len(objs), figsize=(1.9 * len(objs), 2.3), squeeze=False)
+    for ax, (r, o) in zip(axes[0], objs, strict=True):
+        h, w = o["mask"].shape
+        m = F.interpolate(o["map"][None, None].float(), size=(h, w), mode="bilinear",
+                          align_corners=False)[0, 0]
+        y, x = np.unravel_index(int(m.argmax()), (h, w))
+        ax.imshow(r["image"])
+        ax.imshow(m.numpy(), cmap="jet", alpha=0.4)
+        ax.contour(o["mask"], levels=[0.5], colors="white", linewidths=1)
+        ax.plot(x, y, "x", color="lime" if o["hit"] else "red", markersize=10, mew=3)
+        ax.set_title(f"{o['obj'].colour} {o['obj'].shape}", fontsize=9)
+        ax.axis("off")
     fig.tight_layout()
     return fig
 

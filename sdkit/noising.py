@@ -1,0 +1,349 @@
+"""Forward noising: how a clean image (or latent) is turned into noise, and the schedules behind it.
+
+Diffusion training corrupts a clean sample ``x_0`` with Gaussian noise ``eps``. After ``t``
+steps of ``q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)`` the result has the
+closed form ``x_t = sqrt(alphas_cumprod[t]) x_0 + sqrt(1 - alphas_cumprod[t]) eps``, which is
+what diffusers' ``scheduler.add_noise`` computes. Notebook 01 derives it; this module keeps
+the parts later notebooks reuse:
+
+* pictures in and out: ``load_photo`` (scikit-image's public-domain photographs, no
+  downloads), ``to_tensor`` (pictures -> (B, 3, H, W) in [-1, 1]) and ``to_pil``;
+* schedules: ``training_scheduler`` (the pipeline's own noise schedule as a DDPMScheduler),
+  ``beta_schedules`` (linear, scaled_linear, cosine and the pipeline's), ``log_snr``,
+  ``plot_schedules``;
+* the forward process written out: ``add_noise`` (closed form) and ``forward_chain`` (one
+  step at a time), both tested against diffusers;
+* ``noise_slider``: an ipywidgets slider over t;
+* ``check_snr_exercise``: the checker of notebook 01's exercise.
+
+Left out: the reverse (denoising) process, which is notebook 02's, and the continuous-time
+(SDE) view of diffusion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import checks
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # RGB photos shipped with scikit-image
+
+# Schedules to compare: name -> DDPMScheduler keyword arguments.
+SCHEDULES = {
+    "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),  # the DDPM paper's
+    # Stable Diffusion's
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),  # the cosine schedule
+}
+
+
+# ------------------------------------------------------------------------------ pictures
+
+
+def load_photo(name: str = "astronaut", size: int = 64) -> np.ndarray:
+    """A public-domain photograph from scikit-image, centre-cropped to a square and resized
+    to ``size`` x ``size``: uint8 (size, size, 3). No download: the files ship with
+    scikit-image. ``name`` is one of ``PHOTOS``.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    import skimage.data
+    from PIL import Image
+
+    checks.check_choice("name", name, PHOTOS)
+    size = checks.check_int("size", size, 8, 1024)
+    photo = getattr(skimage.data, name)()  # (H, W, 3) uint8
+    h, w = photo.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = Image.fromarray(photo[top:top + s, left:left + s])
+    return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def to_tensor(images) -> torch.Tensor:
+    """Pictures -> float32 tensor (B, 3, H, W) in [-1, 1], the range the VAE and the UNet use.
+
+    ``images``: one picture or a list of pictures (PIL, uint8 (H, W, 3), or float in [0, 1];
+    see ``sdkit.checks.check_image``), or a uint8 batch (B, H, W, 3). All must share a size.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    if not images:
+        checks.fail("images", images, "expected at least one picture")
+    arrays = [checks.check_image(im, name=f"images[{i}]") for i, im in enumerate(images)]
+    size = arrays[0].shape[:2]
+    for i, a in enumerate(arrays):
+        if a.shape[:2] != size:
+            checks.fail(f"images[{i}]", f"picture of size {a.shape[0]}x{a.shape[1]}",
+                        f"expected every picture to be {size[0]}x{size[1]} like images[0]")
+    batch = np.stack(arrays).transpose(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
+    return torch.from_numpy(np.ascontiguousarray(batch)) * 2 - 1
+
+
+def to_pil(x: torch.Tensor, scale: int = 1):
+    """A tensor in [-1, 1], (3, H, W) or (B, 3, H, W), -> a PIL image or a list of them.
+
+    Values outside [-1, 1] (noisy samples have them) are clipped for display. ``scale``
+    enlarges each picture with nearest-neighbour pixels, so small images stay crisp.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    from PIL import Image
+
+    if not torch.is_tensor(x) or x.ndim not in (3, 4) or x.shape[-3] != 3:
+        shown = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        checks.fail("x", shown, "expected a tensor (3, H, W) or (B, 3, H, W) in [-1, 1]")
+    scale = checks.check_int("scale", scale, 1, 64)
+    single = x.ndim == 3
+    batch = x[None] if single else x
+    arr = ((batch.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    out = []
+    for im in arr.permute(0, 2, 3, 1).numpy():  # (H, W, 3)
+        pil = Image.fromarray(im)
+        if scale > 1:
+            pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+        out.append(pil)
+    return out[0] if single else out
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+def training_scheduler(scheduler):
+    """The noise schedule a pipeline's model was trained with, as a ``DDPMScheduler``.
+
+    A pipeline ships its *sampler* (the toy model: DPM-Solver++). The sampler's
+    ``add_noise`` only works at the timesteps of its own sampling plan, and with a zero
+    terminal SNR schedule it stores ``alphas_cumprod[-1] = 2**-24`` instead of 0 so that
+    its first sigma is finite. Rebuilding a DDPMScheduler from the same config gives the
+    training-time forward process at every t, with the exact betas.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.configuration_utils import ConfigMixin
+
+    if not isinstance(scheduler, ConfigMixin) or not hasattr(scheduler, "alphas_cumprod"):
+        checks.fail("scheduler", scheduler, "expected a diffusers scheduler such as pipe.scheduler")
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def beta_schedules(scheduler=None, num_train_timesteps: int = 1000) -> dict:
+    """Schedulers to compare: ``linear`` (DDPM), ``scaled_linear`` (Stable Diffusion's),
+    ``squaredcos_cap_v2`` (cosine) and, given a pipeline's ``scheduler``, that model's own
+    training schedule under the key ``"this model"``. Values are DDPMSchedulers.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    from diffusers import DDPMScheduler
+
+    n = checks.check_int("num_train_timesteps", num_train_timesteps, 2, 10_000)
+    out = {name: DDPMScheduler(num_train_timesteps=n, **kw) for name, kw in SCHEDULES.items()}
+    if scheduler is not None:
+        out["this model"] = training_scheduler(scheduler)
+    return out
+
+
+def describe_schedule(scheduler) -> str:
+    """A one-line description of a scheduler's beta schedule, e.g.
+    ``scaled_linear, rescaled to zero terminal SNR, 1000 steps``.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    c = training_scheduler(scheduler).config
+    text = c.beta_schedule
+    if c.get("rescale_betas_zero_snr"):
+        text += ", rescaled to zero terminal SNR"
+    return f"{text}, {c.num_train_timesteps} steps"
+
+
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Log signal-to-noise ratio, ``log(alphas_cumprod / (1 - alphas_cumprod))``, per timestep.
+
+    It is ``-inf`` where ``alphas_cumprod`` is exactly 0 (pure noise, zero terminal SNR).
+    Computed in float64 so that values near 1 do not round to an infinite SNR.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    a = _check_alphas_cumprod(alphas_cumprod).double()
+    return torch.log(a) - torch.log1p(-a)
+
+
+def _check_alphas_cumprod(alphas_cumprod, name: str = "alphas_cumprod") -> torch.Tensor:
+    if not torch.is_tensor(alphas_cumprod) or alphas_cumprod.ndim != 1:
+        checks.fail(name, alphas_cumprod, "expected a 1-D tensor, e.g. scheduler.alphas_cumprod")
+    if alphas_cumprod.numel() < 2 or alphas_cumprod.min() < 0 or alphas_cumprod.max() > 1:
+        checks.fail(name, alphas_cumprod, "expected values in [0, 1] (a cumulative product)")
+    return alphas_cumprod
+
+
+def plot_schedules(schedules: dict, highlight: str | None = None):
+    """Two panels over t: ``alphas_cumprod`` (signal kept) and log SNR; returns the figure.
+
+    ``schedules`` maps a name to a scheduler (anything with ``alphas_cumprod``) or to an
+    ``alphas_cumprod`` tensor. The ``highlight`` curve is drawn thicker.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(schedules, dict) or not schedules:
+        checks.fail("schedules", schedules, "expected a non-empty dict name -> scheduler")
+    if highlight is not None:
+        checks.check_choice("highlight", highlight, schedules)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, s in schedules.items():
+        a = _check_alphas_cumprod(getattr(s, "alphas_cumprod", s), f"schedules[{name!r}]")
+        t = np.arange(len(a))
+        lw = 3 if name == highlight else 1.5
+        ax1.plot(t, a.numpy(), lw=lw, label=name)
+        snr = log_snr(a).numpy()
+        ax2.plot(t[np.isfinite(snr)], snr[np.isfinite(snr)], lw=lw, label=name)
+    ax1.set(xlabel="timestep t", ylabel="alphas_cumprod[t]", title="signal kept: ᾱ_t")
+    ax2.axhline(0, color="grey", lw=0.8, ls="--")
+    ax2.set(xlabel="timestep t", ylabel="log SNR = log(ᾱ_t / (1 - ᾱ_t))",
+            title="signal-to-noise ratio (log)")
+    ax1.legend()
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ forward process
+
+
+def _check_timesteps(t, n: int, name: str = "t") -> torch.Tensor:
+    given = t
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        t = torch.tensor([int(t)])
+    if not torch.is_tensor(t) or t.dtype.is_floating_point or t.dtype == torch.bool:
+        checks.fail(name, given,
+                    f"expected an int or an integer tensor of timesteps in [0, {n - 1}]")
+    if t.numel() == 0 or t.min() < 0 or t.max() > n - 1:
+        checks.fail(name, given, f"expected timesteps in [0, {n - 1}]")
+    return t.reshape(-1)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t, alphas_cumprod: torch.Tensor):
+    """The closed form ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``, abar = alphas_cumprod.
+
+    ``t`` is an int or a tensor with one timestep per sample of ``x0`` (B, ...). Written with
+    the same operations in the same order as diffusers' ``DDPMScheduler.add_noise``, so the
+    two agree bit for bit (tests/test_noising.py).
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    a = _check_alphas_cumprod(alphas_cumprod)
+    t = _check_timesteps(t, len(a))
+    if not torch.is_tensor(x0) or not torch.is_tensor(noise) or x0.shape != noise.shape:
+        checks.fail("noise", getattr(noise, "shape", noise), "expected a tensor shaped like x0 "
+                    f"{tuple(getattr(x0, 'shape', ()))}")
+    if len(t) not in (1, x0.shape[0]):
+        checks.fail("t", t, f"expected one timestep or one per sample ({x0.shape[0]})")
+    abar = a.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]  # (B,)
+    abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
+    return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+@torch.no_grad()
+def forward_chain(x0: torch.Tensor, betas: torch.Tensor, t: int, generator=None) -> torch.Tensor:
+    """Noise ``x0`` one step at a time: ``x_s = sqrt(1 - beta_s) x_{s-1} + sqrt(beta_s) eps_s``
+    for s = 0, 1, ..., t (diffusers counts timesteps from 0, and ``alphas_cumprod[t]``
+    includes step t). Returns x_t, distributed like ``add_noise(x0, eps, t, alphas_cumprod)``.
+    The fresh noise comes from ``generator`` (a CPU ``torch.Generator``).
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    if not torch.is_tensor(betas) or betas.ndim != 1 or betas.min() < 0 or betas.max() > 1:
+        checks.fail("betas", betas, "expected a 1-D tensor in [0, 1], e.g. scheduler.betas")
+    t = checks.check_int("t", t, 0, len(betas) - 1)
+    if not torch.is_tensor(x0):
+        checks.fail("x0", x0, "expected a tensor")
+    x = x0.float().cpu().clone()
+    for s in range(t + 1):
+        eps = torch.randn(x.shape, generator=generator)
+        x = (1 - betas[s]).sqrt() * x + betas[s].sqrt() * eps
+    return x.to(x0.device)
+
+
+def noise_slider(x0: torch.Tensor, scheduler, noise: torch.Tensor | None = None, decode=None,
+                 t: int = 0, step: int = 10, scale: int = 4, seed: int = 0):
+    """An ipywidgets slider over t that shows ``x_t`` for one clean sample ``x0`` (1, C, H, W).
+
+    The picture is made with ``add_noise`` on ``scheduler.alphas_cumprod`` (pass
+    ``training_scheduler(pipe.scheduler)``) and the fixed ``noise`` (default: drawn from
+    ``seed``), so moving the slider changes only t. ``decode`` maps a noisy sample to a
+    (1, 3, H, W) image in [-1, 1] (e.g. the VAE decoder for latents); without it ``x0``
+    must be an image. Returns the ``ipywidgets.interactive``: ``.result`` is the shown PIL
+    image, ``.children[0]`` the slider.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    a = _check_alphas_cumprod(getattr(scheduler, "alphas_cumprod", None), "scheduler")
+    n = len(a)
+    if not torch.is_tensor(x0) or x0.ndim != 4 or x0.shape[0] != 1:
+        checks.fail("x0", getattr(x0, "shape", x0), "expected one sample, a tensor (1, C, H, W)")
+    if decode is None and x0.shape[1] != 3:
+        checks.fail("decode", decode, f"expected a decoder for {x0.shape[1]}-channel samples")
+    t = checks.check_int("t", t, 0, n - 1)
+    step = checks.check_int("step", step, 1, n)
+    seed = checks.check_seed(seed)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed))
+    elif not torch.is_tensor(noise) or noise.shape != x0.shape:
+        checks.fail("noise", getattr(noise, "shape", noise), f"expected shape {tuple(x0.shape)}")
+    noise = noise.to(x0.device, x0.dtype)
+
+    def show(t):
+        x_t = add_noise(x0, noise, t, a)
+        picture = decode(x_t) if decode is not None else x_t
+        image = to_pil(picture[0], scale=scale)
+        abar = float(a[t])
+        snr = abar / (1 - abar) if abar < 1 else math.inf
+        print(f"t = {t}: ᾱ_t = {abar:.4f}, signal ×{abar ** 0.5:.3f}, "
+              f"noise ×{(1 - abar) ** 0.5:.3f}, SNR = {snr:.4g}")
+        display(image)
+        return image
+
+    slider = widgets.IntSlider(value=t, min=0, max=n - 1, step=step, description="t",
+                               continuous_update=False)
+    return widgets.interactive(show, t=slider)
+
+
+# ------------------------------------------------------------------------------ exercise
+
+
+def check_snr_exercise(answer, scheduler) -> bool:
+    """Checker for notebook 01's exercise: the first timestep at which the signal-to-noise
+    ratio ``abar_t / (1 - abar_t)`` of the model's training schedule drops below 1.
+    Prints whether ``answer`` is right (with a hint if not) and returns True or False.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
+    a = training_scheduler(scheduler).alphas_cumprod.double()
+    expected = int(torch.nonzero(a / (1 - a) < 1)[0])
+    if answer is None:
+        print("Not answered yet: set `answer` to a timestep (an int).")
+        return False
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
+        print(f"answer={answer!r}: expected an int timestep.")
+        return False
+    if int(answer) == expected:
+        print(f"Right: from t = {expected} on, there is more noise than signal (SNR < 1, "
+              f"ᾱ_t < 0.5).")
+        return True
+    hint = "too early" if answer < expected else "too late"
+    print(f"answer={answer} is {hint}. Hint: SNR < 1 means ᾱ_t < 1/2; look for the first t "
+          f"where that holds, e.g. with torch.nonzero.")
+    return False

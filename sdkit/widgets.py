@@ -1,0 +1,373 @@
+"""Classifier-free guidance to play with: an ipywidgets panel over the denoising loop.
+
+``GuidancePanel(pipe)`` shows a prompt box, sliders for the guidance scale and the number of
+steps, a seed, a sampler choice, the generated image and a strip of the predicted clean image
+x_0 at each step. Sliders have ``continuous_update=False``: work starts when you let go.
+
+How it stays fast. Every run of the loop is a ``sdkit.sampling.Trajectory`` and is cached
+under (prompt, negative prompt, seed, steps, sampler), one per guidance scale; text
+embeddings are cached per prompt. Moving the guidance slider then does, in order:
+
+1. an exact trajectory for this scale is cached: redraw it (no UNet call, no VAE call);
+2. else, at once, an **approximate preview** (labelled so in the panel): ``sampling.replay``
+   re-runs the scheduler with the *cached* conditional and unconditional predictions
+   recombined with the new scale. Only step 0 of that is exact: from step 1 on, x_t itself
+   depends on the scale used in the steps before, and the cached predictions were made at
+   the old x_t;
+3. then the **exact** image: the loop re-run with the new scale from the cached text
+   embeddings (one UNet call per step), which replaces the preview and is cached.
+
+``GuidancePanel(pipe, exact=False)`` stops after step 2 (for slow machines or big models).
+Errors in a callback (for instance a word the toy model has no token for) are shown in the
+panel's error line; the panel keeps its last good image and keeps working.
+
+Stable CSS class names, for browser tests (e.g. Playwright in JupyterLab) and styling:
+
+=====================  =============================================================
+``sdkit-panel``        the whole panel (a VBox)
+``sdkit-prompt``       prompt text box (applies on Enter or when it loses focus)
+``sdkit-negative``     negative prompt text box ("" = the plain unconditional branch)
+``sdkit-guidance``     guidance scale slider (FloatSlider 0..15, continuous_update=False)
+``sdkit-steps``        number of steps slider (IntSlider, continuous_update=False)
+``sdkit-seed``         seed box (BoundedIntText)
+``sdkit-scheduler``    sampler drop-down (DDPM, DDIM, Euler, DPM-Solver++)
+``sdkit-image``        the generated image (ipywidgets.Image, PNG)
+``sdkit-strip``        predicted x_0 at each step (ipywidgets.Image, PNG)
+``sdkit-status``       "exact", "exact (cached)" or "approximate preview", with timings
+``sdkit-error``        the last error message, empty when all is well
+=====================  =============================================================
+
+Left out: threads (the exact image is computed right after the preview in the same
+callback, so nbval and scripts see deterministic results), image-to-image and
+multi-prompt weighting.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from . import checks, sampling
+
+CSS = {
+    "panel": "sdkit-panel", "prompt": "sdkit-prompt", "negative": "sdkit-negative",
+    "guidance": "sdkit-guidance", "steps": "sdkit-steps", "seed": "sdkit-seed",
+    "scheduler": "sdkit-scheduler", "image": "sdkit-image", "strip": "sdkit-strip",
+    "status": "sdkit-status", "error": "sdkit-error",
+}
+
+
+def png_bytes(image, size: int | None = None) -> bytes:
+    """A PIL image as PNG bytes, optionally upscaled (nearest neighbour) to ``size`` wide.
+
+    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    """
+    from PIL import Image
+
+    if size is not None:
+        size = checks.check_int("size", size, 8, 4096)
+        h = round(image.size[1] * size / image.size[0])
+        image = image.resize((size, h), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def strip_steps(num_steps: int, max_thumbs: int = 10) -> list[int]:
+    """Which steps a strip shows: all of them up to ``max_thumbs``, else evenly spaced ones
+    that always include the first and the last."""
+    if num_steps <= max_thumbs:
+        return list(range(num_steps))
+    return sorted({int(round(v)) for v in np.linspace(0, num_steps - 1, max_thumbs)})
+
+
+class GuidancePanel:
+    """An ipywidgets panel: prompt, guidance scale, steps, seed and sampler -> image + x_0 strip.
+
+    ``pipe``: a StableDiffusionPipeline (the toy model or real weights). The other arguments
+    are the starting values (None: the kit's defaults for this pipeline). ``exact``: after
+    an approximate preview, also compute the exact image (default True; see the module
+    docstring for what is exact when). ``strip``: "vae" decodes each shown step's x_0 with the
+    VAE (one batched call, memoized); "preview" uses the trajectory's cheap linear
+    latent-to-RGB map instead (no VAE). ``cache_size``: how many (prompt, seed, steps,
+    sampler) settings to keep.
+
+    Display it as the last expression of a cell (``panel``) or with ``display(panel)``.
+    Drive it from code by setting widget values (``panel.guidance_slider.value = 7.5``):
+    the same callback runs as for a slider moved by hand. ``panel.status_mode`` is
+    "exact", "exact (cached)", "approximate preview" or "error"; ``panel.timings`` holds the
+    seconds the last update took.
+
+    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    """
+
+    def __init__(self, pipe, prompt: str | None = None, seed: int = 0,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 scheduler: str | None = None, negative_prompt: str = "", exact: bool = True,
+                 strip: str = "vae", image_size: int = 256, max_steps: int = 50,
+                 max_guidance: float = 15.0, cache_size: int = 32):
+        import ipywidgets as W
+
+        from .pipeline import default_settings, is_toy
+
+        d = default_settings(pipe)
+        if prompt is None:
+            prompt = "a red circle on the left" if is_toy(pipe) else "a photo of a red apple"
+        checks.check_prompt(prompt, pipe.tokenizer)
+        checks.check_prompt(negative_prompt, pipe.tokenizer, name="negative_prompt",
+                            allow_empty=True)
+        seed = checks.check_int("seed", seed, 0, 2**31 - 1)
+        max_steps = checks.check_steps(max_steps, "max_steps")
+        steps = checks.check_int("num_inference_steps", d["num_inference_steps"]
+                                 if num_inference_steps is None else num_inference_steps,
+                                 1, max_steps)
+        max_guidance = checks.check_float("max_guidance", max_guidance, 1.0, 50.0)
+        s = checks.check_float("guidance_scale", d["guidance_scale"] if guidance_scale is None
+                               else guidance_scale, 0.0, max_guidance)
+        if scheduler is None:
+            own = sampling.scheduler_name(pipe.scheduler)
+            scheduler = own if own in sampling.SCHEDULER_NAMES else "DPM-Solver++"
+        checks.check_choice("scheduler", scheduler, sampling.SCHEDULER_NAMES)
+        if not isinstance(exact, bool):
+            checks.fail("exact", exact, "expected True or False")
+        self.strip_mode = checks.check_choice("strip", strip, ("vae", "preview"))
+        self.image_size = checks.check_int("image_size", image_size, 32, 2048)
+        self.cache_size = checks.check_int("cache_size", cache_size, 1, 10_000)
+        self.pipe, self.exact = pipe, exact
+
+        lay = W.Layout(width="95%")
+        self.prompt_box = W.Text(value=prompt, description="prompt", continuous_update=False,
+                                 layout=lay)
+        self.negative_box = W.Text(value=negative_prompt, description="negative",
+                                   continuous_update=False, layout=lay,
+                                   placeholder="empty: the unconditional branch uses \"\"")
+        self.guidance_slider = W.FloatSlider(value=s, min=0.0, max=max_guidance, step=0.5,
+                                             description="guidance", continuous_update=False,
+                                             readout_format=".1f")
+        self.steps_slider = W.IntSlider(value=steps, min=1, max=max_steps, description="steps",
+                                        continuous_update=False)
+        self.seed_box = W.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="seed")
+        self.scheduler_dropdown = W.Dropdown(options=list(sampling.SCHEDULER_NAMES),
+                                             value=scheduler, description="sampler")
+        self.image = W.Image(format="png", width=self.image_size, height=self.image_size)
+        self.strip = W.Image(format="png", layout=W.Layout(max_width="100%"))
+        self.status = W.HTML()
+        self.error = W.HTML()
+        for name, w in (("prompt", self.prompt_box), ("negative", self.negative_box),
+                        ("guidance", self.guidance_slider), ("steps", self.steps_slider),
+                        ("seed", self.seed_box), ("scheduler", self.scheduler_dropdown),
+                        ("image", self.image), ("strip", self.strip),
+                        ("status", self.status), ("error", self.error)):
+            w.add_class(CSS[name])
+        controls = W.VBox([self.prompt_box, self.negative_box,
+                           W.HBox([self.guidance_slider, self.steps_slider]),
+                           W.HBox([self.seed_box, self.scheduler_dropdown])])
+        self.widget = W.VBox([controls, self.error, self.image,
+                              W.HTML("<small>predicted x<sub>0</sub> at each step "
+                                     "(left: first step)</small>"),
+                              self.strip, self.status])
+        self.widget.add_class(CSS["panel"])
+
+        self._runs: OrderedDict = OrderedDict()  # key -> {guidance: Trajectory}
+        self._embeds: OrderedDict = OrderedDict()  # (prompt, negative) -> (cond, uncond)
+        self.trajectory: sampling.Trajectory | None = None
+        self.status_mode = ""
+        self.timings: dict[str, float] = {}
+        for w in (self.prompt_box, self.negative_box, self.guidance_slider, self.steps_slider,
+                  self.seed_box, self.scheduler_dropdown):
+            w.observe(self._on_change, names="value")
+        self.update()
+
+    # ------------------------------------------------------------------ display
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # ------------------------------------------------------------------ settings
+    def settings(self) -> dict:
+        """The panel's current settings, checked (raises SdkitInputError when one is bad)."""
+        prompt = checks.check_prompt(self.prompt_box.value, self.pipe.tokenizer)
+        negative = checks.check_prompt(self.negative_box.value, self.pipe.tokenizer,
+                                       name="negative_prompt", allow_empty=True)
+        return {"prompt": prompt, "negative_prompt": negative or None,
+                "seed": checks.check_seed(self.seed_box.value),
+                "num_inference_steps": checks.check_steps(self.steps_slider.value),
+                "scheduler": checks.check_choice("scheduler", self.scheduler_dropdown.value,
+                                                 sampling.SCHEDULER_NAMES),
+                "guidance_scale": checks.check_guidance(self.guidance_slider.value)}
+
+    @staticmethod
+    def _key(st: dict) -> tuple:
+        return (st["prompt"], st["negative_prompt"], st["seed"], st["num_inference_steps"],
+                st["scheduler"])
+
+    # ------------------------------------------------------------------ work
+    def _on_change(self, change):
+        self.update()
+
+    def update(self):
+        """Recompute (or redraw from the cache) for the widgets' current values.
+
+        Never raises: an error is shown in the panel's error line and the last good image
+        stays. Returns the mode it ended in."""
+        t0 = time.perf_counter()
+        self.timings = {}
+        try:
+            st = self.settings()
+            key, s = self._key(st), st["guidance_scale"]
+            runs = self._runs.get(key)
+            if runs is not None and s in runs:
+                self._runs.move_to_end(key)
+                self._show(runs[s], "exact (cached)")
+                self.timings["cached_redraw_s"] = time.perf_counter() - t0
+            else:
+                if runs:
+                    nearest = min(runs, key=lambda g: abs(g - s))
+                    self._show(sampling.replay(runs[nearest], s), "approximate preview",
+                               note=f"from cached predictions at s={nearest:g}"
+                                    + ("; computing the exact image..." if self.exact else ""))
+                    self.timings["preview_s"] = time.perf_counter() - t0
+                if self.exact or not runs:
+                    traj = self._run(st)
+                    self._show(traj, "exact")
+                    self.timings["exact_s"] = time.perf_counter() - t0
+            self.error.value = ""
+        except Exception as e:  # shown in the panel: a notebook callback must not die
+            self.status_mode = "error"
+            self.error.value = (f"<span style='color:#b00020'><b>{type(e).__name__}:</b> "
+                                f"{html.escape(str(e))}</span>")
+        return self.status_mode
+
+    def _text_embeddings(self, prompt: str, negative: str | None):
+        k = (prompt, negative)
+        if k not in self._embeds:
+            self._embeds[k] = sampling.encode_prompt(self.pipe, [prompt],
+                                                     [negative] if negative else None)
+            while len(self._embeds) > self.cache_size:
+                self._embeds.popitem(last=False)
+        return self._embeds[k]
+
+    def _run(self, st: dict) -> sampling.Trajectory:
+        emb = self._text_embeddings(st["prompt"], st["negative_prompt"])
+        traj = sampling.sample(self.pipe, st["prompt"], st["seed"], st["num_inference_steps"],
+                               st["guidance_scale"], scheduler=st["scheduler"],
+                               negative_prompt=st["negative_prompt"], text_embeddings=emb)
+        key = self._key(st)
+        self._runs.setdefault(key, {})[st["guidance_scale"]] = traj
+        self._runs.move_to_end(key)
+        while len(self._runs) > self.cache_size:
+            self._runs.popitem(last=False)
+        return traj
+
+    def strip_image(self, traj: sampling.Trajectory):
+        """The x_0 strip of a trajectory as one PIL image (``strip`` mode decides how)."""
+        idx = strip_steps(traj.num_inference_steps)
+        key = ("strip", self.strip_mode, tuple(idx))
+        if key not in traj._memo:
+            if self.strip_mode == "vae":
+                ims = traj.decode(traj.pred_x0[idx, 0])
+            else:
+                ims = [traj.preview("pred_x0")[i] for i in idx]
+            traj._memo[key] = sampling.hstack(ims, thumb=64)
+        return traj._memo[key]
+
+    def _show(self, traj: sampling.Trajectory, mode: str, note: str = ""):
+        self.image.value = png_bytes(traj.image, self.image_size)
+        self.strip.value = png_bytes(self.strip_image(traj))
+        self.trajectory, self.status_mode = traj, mode
+        colour = "#a15c00" if mode == "approximate preview" else "#1b5e20"
+        self.status.value = (f"<span style='color:{colour}'><b>{mode}</b></span> - "
+                             f"{traj.scheduler}, {traj.num_inference_steps} steps, "
+                             f"s={traj.guidance_scale:g}, seed {traj.seed}"
+                             + (f" ({html.escape(note)})" if note else ""))
+
+    # ------------------------------------------------------------------ for tests and notebooks
+    def image_bytes(self) -> bytes:
+        """The PNG bytes currently shown in the image widget."""
+        return bytes(self.image.value)
+
+
+def guidance_sweep(pipe, prompts: list[str], seeds: list[int], scales=(1, 2, 4, 7.5, 10, 15),
+                   num_inference_steps: int | None = None, negative_prompt=None) -> dict:
+    """Final images for each guidance scale: {s: [PIL, ...]} (one per prompt and seed).
+
+    One batched ``sampling.sample`` call per scale, all prompts at once, with a tqdm bar.
+
+    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    """
+    from tqdm.auto import tqdm
+
+    scales = [checks.check_guidance(s, "scales") for s in scales]
+    out = {}
+    for s in tqdm(scales, desc="guidance scales"):
+        out[s] = sampling.sample(pipe, list(prompts), list(seeds), num_inference_steps, s,
+                                 negative_prompt=negative_prompt).images()
+    return out
+
+
+def plot_sweep(results: dict, row_labels=None, scale: float = 1.6):
+    """A figure of ``guidance_sweep`` results: one column per guidance scale, one row per
+    prompt/seed (labelled with ``row_labels``).
+
+    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    """
+    import matplotlib.pyplot as plt
+
+    cols = list(results)
+    n = len(results[cols[0]])
+    fig, axes = plt.subplots(n, len(cols), squeeze=False,
+                             figsize=(scale * len(cols), scale * n + 0.3))
+    for c, s in enumerate(cols):
+        for r in range(n):
+            ax = axes[r, c]
+            ax.imshow(results[s][r])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"s = {s:g}", fontsize=9)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(str(row_labels[r]), fontsize=7, rotation=0, ha="right",
+                              va="center", wrap=True)
+    fig.tight_layout()
+    return fig
+
+
+def check_combine_exercise(fn, trials: int = 5, seed: int = 0) -> bool:
+    """Checker for notebook 05's exercise: ``fn(uncond, cond, s)`` must return the guided
+    prediction ``uncond + s * (cond - uncond)`` for random tensors and scales (s = 0, 1 and
+    random ones up to 15). Prints what is wrong and returns False, or prints "correct".
+
+    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    """
+    if fn is None:
+        print("Not attempted yet. Hint: s = 0 must give uncond, s = 1 must give cond.")
+        return False
+    if not callable(fn):
+        checks.fail("fn", fn, "expected a function fn(uncond, cond, s) -> tensor")
+    trials = checks.check_int("trials", trials, 1, 100)
+    g = torch.Generator("cpu").manual_seed(checks.check_seed(seed))
+    scales = [0.0, 1.0] + (torch.rand(trials, generator=g) * 15).tolist()
+    for s in scales:
+        uncond = torch.randn(2, 4, 8, 8, generator=g)
+        cond = torch.randn(2, 4, 8, 8, generator=g)
+        try:
+            got = fn(uncond.clone(), cond.clone(), s)
+        except Exception as e:  # the learner's code: report, don't crash the notebook
+            print(f"Your function raised {type(e).__name__}: {e}")
+            return False
+        want = sampling.combine(uncond, cond, s)
+        if not torch.is_tensor(got) or got.shape != want.shape:
+            print(f"Expected a tensor of shape {tuple(want.shape)}, got "
+                  f"{getattr(got, 'shape', type(got).__name__)}.")
+            return False
+        if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+            which = ("s = 0 should give uncond exactly" if s == 0 else
+                     "s = 1 should give cond" if s == 1 else f"wrong at s = {s:.2f}")
+            print(f"Not yet: {which} (max |difference| {(got - want).abs().max().item():.3g}).")
+            return False
+    print(f"Correct on {len(scales)} random cases, s = 0 and s = 1 included.")
+    return True
