@@ -381,16 +381,9 @@ CASES = [
          Refused("seed", "-7", "expected an int"), needs_pipe=True),
     Case("generate-height-63-width-64", lambda c: _gen(c, height=63, width=64,
                                                         num_inference_steps=1),
-         Refused("height", "63", "divisible by 8"), needs_pipe=True),
+         Refused("height", "63", "multiple of 8"), needs_pipe=True),
     Case("generate-height-63-alone", lambda c: _gen(c, height=63, num_inference_steps=1),
-         Refused("height", "63", "multiple of 8"), needs_pipe=True,
-         xfail="sdkit.pipeline.generate passes height/width straight to the pipeline, and "
-               "diffusers 0.42's StableDiffusionPipeline.__call__ resets BOTH to the default "
-               "when only one is given (`if not height or not width:`), so height=63 silently "
-               "gives a 64x64 image. Fix: in generate, before calling pipe, `if 'height' in "
-               "kwargs or 'width' in kwargs: side = pipe.unet.config.sample_size * "
-               "pipe.vae_scale_factor; kwargs['height'], kwargs['width'] = checks.check_size("
-               "kwargs.get('height') or side, kwargs.get('width') or side)`"),
+         Refused("height", "63", "multiple of 8"), needs_pipe=True),
     # ---- sdkit.sampling
     Case("sample-steps-negative", lambda c: _sample(c, num_inference_steps=-1),
          Refused("num_inference_steps", "-1", "[1, 1000]"), needs_pipe=True),
@@ -510,11 +503,7 @@ CASES = [
          Refused("caption", "'a pink blob'", "shapes grammar")),
     Case("keeps-content-no-images", lambda c: _variations().keeps_content(
         [], "a red circle on the left"),
-         Refused("images", "[]", "at least one"),
-         xfail="variations.keeps_content([] , caption) returns {'colour_shape': nan, ...} "
-               "(np.mean of an empty list, a RuntimeWarning only). Fix: at its top, "
-               "`images = list(images); if not images: checks.fail('images', images, "
-               "'expected at least one picture')`"),
+         Refused("images", "[]", "at least one")),
     # ---- sdkit.shapes
     Case("parse-caption-unknown-colour", lambda c: shapes.parse_caption(
         "a pink circle on the left"),
@@ -524,21 +513,13 @@ CASES = [
          Refused("objects", "got 3", "1 or 2 objects")),
     Case("render-unknown-position", lambda c: shapes.render(
         [shapes.Obj("red", "circle", "middle")], 0),
-         Refused("position", "'middle'", "allowed"),
-         xfail="shapes.render calls caption_of (whose Obj.phrase looks the position up in "
-               "PHRASES) before it checks the objects, so an unknown position raises a bare "
-               "KeyError: 'middle'. Fix: in shapes.render, move the colour/shape/position "
-               "loop above `caption = caption_of(objects)`."),
+         Refused("position", "'middle'", "allowed")),
     Case("make-example-seed-negative", lambda c: shapes.make_example(-1),
          Refused("seed", "-1", "non-negative int")),
     Case("find-blobs-rgba", lambda c: shapes.find_blobs(np.zeros((64, 64, 4), np.uint8)),
          Refused("image", "(64, 64, 4)", "shape (H, W, 3)")),
     Case("find-blobs-float-0-255", lambda c: shapes.find_blobs(rgb().astype(np.float32)),
-         Refused("image", "float", "[0, 1]"),
-         xfail="shapes._to_uint8_rgb clips floats to [0, 1] without a check: a float image "
-               "in 0..255 becomes all white and the checker silently finds no shapes. Fix: "
-               "in shapes._to_uint8_rgb, for float arrays, refuse values outside [0, 1] "
-               "(e.g. `return (checks.check_image(arr) * 255).round().astype(np.uint8)`)"),
+         Refused("image", "float", "[0, 1]")),
 ]
 
 
