@@ -20,30 +20,9 @@ SMALL = dict(n_images=64, encoder_steps=3, projector_steps=3, batch=16, progress
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.utils import logging
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from test_editing import tiny_pipeline  # the same tiny random pipeline as the editing tests
 
-    logging.set_verbosity_error()
-    tok = toy.write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3,
-                        block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=toy.MAX_LENGTH,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8)
-    pipe = toy.build_pipeline(vae.eval(), text_encoder.eval(), tok, unet.eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(tmp_path_factory)
 
 
 def test_encoder_and_projector_shapes():
