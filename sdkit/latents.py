@@ -198,9 +198,16 @@ def _fit_cached(vae, n_images: int, seed: int, size: int) -> torch.Tensor:
         x = F.avg_pool2d(to_tensor(images[i:i + 64]), f)  # (b, 3, h, w): pixels averaged down
         zs.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))  # (b*h*w, 4)
         xs.append(x.permute(0, 2, 3, 1).reshape(-1, 3))  # (b*h*w, 3)
-    z, x = torch.cat(zs), torch.cat(xs)
-    design = torch.cat([z, torch.ones(len(z), 1)], dim=1).double()  # (N, 5): 4 channels + bias
-    return torch.linalg.lstsq(design, x.double()).solution.float()  # (5, 3)
+    return solve_latent_rgb(torch.cat(zs), torch.cat(xs))
+
+
+def solve_latent_rgb(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Least squares from latent pixels z (N, C) plus a bias to colours x (N, 3): (C + 1, 3).
+
+    Introduced in notebooks/04_vae_latents.ipynb.
+    """
+    design = torch.cat([z.float(), torch.ones(len(z), 1)], dim=1).double()  # (N, C + 1)
+    return torch.linalg.lstsq(design, x.double()).solution.float()  # (C + 1, 3)
 
 
 def fit_latent_rgb(vae, n_images: int = 128, seed: int = 0, size: int = 64) -> torch.Tensor:

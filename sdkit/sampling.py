@@ -374,28 +374,29 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 16) -> list:
 
 
 def fit_latent_rgb_map(latents: torch.Tensor, images: np.ndarray) -> torch.Tensor:
-    """Least-squares linear map (C + 1, 3) from latent pixels (+ bias) to RGB in [0, 1].
+    """Linear map (C + 1, 3) from latent pixels (+ bias) to RGB in [-1, 1], fitted on these
+    latents (B, C, h, w) and their decoded images (B, H, W, 3) in [0, 1], average-pooled to
+    (h, w); the solver is notebook 04's ``latents.solve_latent_rgb``.
 
-    ``latents`` (B, C, h, w); ``images`` (B, H, W, 3) floats in [0, 1], average-pooled down
-    to (h, w) before the fit. Introduced in notebooks/02_reverse_denoising.ipynb.
+    Introduced in notebooks/02_reverse_denoising.ipynb.
     """
+    from .latents import solve_latent_rgb
+
     b, c, h, w = latents.shape
-    img = torch.as_tensor(images, dtype=torch.float32).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    img = torch.as_tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W)
     img = torch.nn.functional.adaptive_avg_pool2d(img, (h, w))  # (B, 3, h, w)
-    x = latents.float().permute(0, 2, 3, 1).reshape(-1, c)
-    x = torch.cat([x, torch.ones(len(x), 1)], 1)  # (N, C + 1)
-    y = img.permute(0, 2, 3, 1).reshape(-1, 3)
-    return torch.linalg.lstsq(x, y).solution  # (C + 1, 3)
+    return solve_latent_rgb(latents.float().permute(0, 2, 3, 1).reshape(-1, c),
+                            img.permute(0, 2, 3, 1).reshape(-1, 3))
 
 
 def latents_to_rgb(latents: torch.Tensor, rgb_map: torch.Tensor, size: int) -> list:
     """Apply a ``fit_latent_rgb_map`` map to latents (N, C, h, w): N PIL images of side size."""
     from PIL import Image
 
-    n, c, h, w = latents.shape
-    x = latents.float().permute(0, 2, 3, 1).reshape(-1, c)
-    rgb = (torch.cat([x, torch.ones(len(x), 1)], 1) @ rgb_map).clamp(0, 1)
-    rgb = (rgb.reshape(n, h, w, 3).numpy() * 255).round().astype("uint8")
+    from .latents import latents_to_rgb_preview
+
+    rgb = (latents_to_rgb_preview(latents, rgb_map) + 1) / 2  # (N, 3, h, w) in [0, 1]
+    rgb = (rgb.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a).resize((size, size), Image.BILINEAR) for a in rgb]
 
 
