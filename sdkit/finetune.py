@@ -8,7 +8,8 @@ everything else stays frozen:
 * **textual inversion** learns one new row of the text encoder's token-embedding matrix
   (a new word such as ``<star>``); the UNet and the rest of the text encoder are frozen;
 * **DreamBooth with LoRA** adds low-rank updates ``W + (alpha / r) B A`` to the UNet's
-  attention projections (peft) and binds a subject to a rare identifier (``sks``);
+  attention projections and ResNet convolutions (peft) and binds a subject to a rare
+  identifier (``sks``);
 * **hypernetworks** (the NovelAI / AUTOMATIC1111 kind) put small MLPs in front of every
   cross-attention layer's keys and values: ``k = to_k(ctx + h_k(ctx))``, installed as a
   diffusers attention processor.
@@ -44,7 +45,12 @@ from tqdm.auto import tqdm
 from . import checks, shapes
 from .checks import fail
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections LoRA adapts
+# What LoRA adapts: the attention projections (diffusers' DreamBooth-LoRA default) and the
+# ResNet convolutions (LyCORIS calls this LoCon). A new *shape* lives in the convolutions:
+# with the attention layers alone the toy model learns the star's colour but not its points.
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_TARGETS = ATTENTION_TARGETS + ("conv1", "conv2")
+P_UNCOND = 0.1  # share of empty captions in fine-tuning batches, as in the toy model's training
 TOKEN_RE = re.compile(r"^<[a-z][a-z0-9_-]*>$")  # a new word for textual inversion: "<star>"
 
 # ------------------------------------------------------------------------------ data
@@ -281,12 +287,19 @@ def _ids(tokenizer, captions) -> torch.Tensor:
 
 
 def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, scheduler,
-           class_latents=None, prior_weight=1.0, after_step=None, cross_attention_kwargs=None):
+           class_latents=None, prior_weight=1.0, after_step=None, cross_attention_kwargs=None,
+           uncond=None, p_uncond=P_UNCOND):
     """The loop shared by the three methods: sample a batch, noise it, one AdamW step.
 
     ``encode(idx, prior)`` gives the encoder_hidden_states of the captions at ``idx``.
     With ``class_latents`` each step adds the prior-preservation loss on a batch of the
     model's own class pictures (DreamBooth), weighted by ``prior_weight``.
+
+    ``uncond`` (1, T, d), the empty prompt's encoder_hidden_states: a share ``p_uncond`` of
+    each batch trains with it instead of the caption, as the model itself was trained.
+    Methods that change the UNet for every prompt need this: classifier-free guidance
+    extrapolates from the unconditional prediction, and one left behind by the fine-tune
+    turns ``uncond + s * (cond - uncond)`` into colour noise at the default guidance.
     """
     g = torch.Generator("cpu").manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -299,8 +312,11 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
         x0 = lat[idx].to(device)  # (B, 4, h, w)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, n_train, (batch_size,), generator=g).to(device)
-        return diffusion_loss(unet, scheduler, x0, encode(idx, prior), noise, t,
-                              cross_attention_kwargs)
+        context = encode(idx, prior)  # (B, T, d)
+        if uncond is not None:
+            drop = (torch.rand(batch_size, generator=g) < p_uncond).to(device)
+            context = torch.where(drop[:, None, None], uncond.to(context.dtype), context)
+        return diffusion_loss(unet, scheduler, x0, context, noise, t, cross_attention_kwargs)
 
     t0 = time.time()
     bar = tqdm(range(steps), desc=desc)
@@ -369,8 +385,8 @@ def add_token(tokenizer, text_encoder, token: str, init_word: str) -> int:
 
 
 def train_textual_inversion(pipe, latents, captions, token: str = "<star>",
-                            init_word: str = "triangle", steps: int = 150, lr: float = 5e-3,
-                            batch_size: int = 16, seed: int = 0) -> FineTuneResult:
+                            init_word: str = "triangle", steps: int = 300, lr: float = 1e-2,
+                            batch_size: int = 8, seed: int = 0) -> FineTuneResult:
     """Textual inversion: learn the embedding of a new word ``token`` from pictures.
 
     Works on copies of ``pipe.tokenizer`` and ``pipe.text_encoder`` (the pipeline passed in
@@ -486,33 +502,45 @@ def lora_config(r: int = 4, alpha: float | None = None, target_modules=LORA_TARG
 
 def lora_parameter_count(unet, r: int, target_modules=LORA_TARGETS) -> int:
     """What LoRA of rank ``r`` adds: ``r * (in + out)`` for each adapted ``nn.Linear``
-    (A is r x in, B is out x r). Introduced in notebooks/09_fine_tuning.ipynb."""
+    (A is r x in, B is out x r) and ``r * (in * kh * kw + out)`` for each ``nn.Conv2d``
+    (A is a kh x kw convolution to r channels, B a 1x1 one back to out).
+
+    Introduced in notebooks/09_fine_tuning.ipynb."""
     r = checks.check_int("r", r, 1, 1024)
     total = 0
     for name, m in unet.named_modules():
-        if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in target_modules) \
-                and "lora_" not in name:
+        if not any(name.endswith(t) for t in target_modules) or "lora_" in name:
+            continue
+        if isinstance(m, torch.nn.Linear):
             total += r * (m.in_features + m.out_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            kh, kw = m.kernel_size
+            total += r * (m.in_channels * kh * kw + m.out_channels)
     return total
 
 
 def train_lora(pipe, latents, captions, class_latents=None, class_captions=None, r: int = 4,
-               alpha: float | None = None, prior_weight: float = 1.0, steps: int = 150,
-               lr: float = 2e-3, batch_size: int = 16, seed: int = 0) -> FineTuneResult:
-    """DreamBooth with LoRA: adapt a copy of the UNet's attention projections to pictures
-    of a subject captioned with a rare identifier (``"a sks triangle on the left"``).
+               alpha: float | None = None, prior_weight: float = 1.0, steps: int = 250,
+               lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
+               target_modules=LORA_TARGETS, p_uncond: float = P_UNCOND) -> FineTuneResult:
+    """DreamBooth with LoRA: adapt a copy of the UNet to pictures of a subject captioned
+    with a rare identifier (``"a sks triangle on the left"``).
 
     peft adds ``B @ A`` (rank ``r``, B initialised to zero so training starts from the
-    model itself) next to every ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``; only A and B
+    model itself) next to every layer named in ``target_modules`` (default: ``to_q``,
+    ``to_k``, ``to_v``, ``to_out.0`` and the ResNets' ``conv1``, ``conv2``); only A and B
     train. With ``class_latents`` / ``class_captions`` (pictures the model itself drew for
     the class, e.g. "a red triangle on the left") each step adds ``prior_weight`` times the
     same loss on them: prior preservation keeps the class word meaning what it meant.
+    A share ``p_uncond`` of each batch trains on the empty prompt (see ``P_UNCOND``), so
+    that classifier-free guidance still has a sound unconditional prediction.
 
     Returns a ``FineTuneResult``; ``extra["unet"]`` is the adapted UNet copy.
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
-    config = lora_config(r, alpha)
+    config = lora_config(r, alpha, target_modules)
+    p_uncond = checks.check_float("p_uncond", p_uncond, 0.0, 1.0)
     steps, lr, batch_size, seed = _check_train_args(steps, lr, batch_size, seed, latents, captions,
                                                     pipe.tokenizer)
     prior_weight = checks.check_float("prior_weight", prior_weight, 0.0, 100.0)
@@ -532,14 +560,16 @@ def train_lora(pipe, latents, captions, class_latents=None, class_captions=None,
     losses, seconds = _train(
         "DreamBooth LoRA", unet, params,
         lambda idx, prior: (class_ctx if prior else ctx)[idx], latents, steps, lr, batch_size, seed,
-        training_scheduler(pipe), class_latents=class_latents, prior_weight=prior_weight)
+        training_scheduler(pipe), class_latents=class_latents, prior_weight=prior_weight,
+        uncond=_encode_frozen(pipe, [""]), p_uncond=p_uncond)
     unet.eval()
     unet.requires_grad_(False)
     modules = sorted({n.split(".lora_")[0] for n, _ in unet.named_parameters() if "lora_" in n})
     return FineTuneResult("DreamBooth LoRA", _rebuild(pipe, unet=unet), losses,
                           trained_parameters=sum(p.numel() for p in params), seconds=seconds,
                           trained_modules=[f"unet.{m}" for m in modules],
-                          extra={"unet": unet, "r": config.r, "alpha": config.lora_alpha})
+                          extra={"unet": unet, "r": config.r, "alpha": config.lora_alpha,
+                                 "target_modules": list(target_modules)})
 
 
 @torch.no_grad()
@@ -559,7 +589,7 @@ def save_lora(result: FineTuneResult, path) -> Path:
     state = {k: v.detach().contiguous() for k, v in state.items()}
     path = _out_path(path)
     meta = {"r": str(result.extra["r"]), "lora_alpha": str(result.extra["alpha"]),
-            "target_modules": json.dumps(list(LORA_TARGETS))}
+            "target_modules": json.dumps(result.extra["target_modules"])}
     save_file(state, str(path), metadata=meta)
     return path
 
@@ -760,12 +790,17 @@ def make_hypernetwork(unet, hidden: int = 64, seed: int = 0) -> Hypernetwork:
     return Hypernetwork(names, unet.config.cross_attention_dim, hidden).to(p.device, p.dtype)
 
 
-def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 150,
-                       lr: float = 1e-3, batch_size: int = 16, seed: int = 0) -> FineTuneResult:
+def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 400,
+                       lr: float = 5e-4, batch_size: int = 8, seed: int = 0,
+                       p_uncond: float = 0.3) -> FineTuneResult:
     """Train a hypernetwork on a copy of the UNet whose weights all stay frozen.
 
     It is always on: every prompt's keys and values pass through it, so it is the tool
-    for a *style* (here: "draw everything purple") rather than for a new word.
+    for a *style* (here: "draw everything purple") rather than for a new word. A style
+    changes the unconditional picture too (the empty prompt's keys and values pass through
+    it as well), so a larger share ``p_uncond`` of each batch trains on the empty prompt
+    than the model's own 10%: with 10%, guidance 4 still extrapolates from a half-adapted
+    unconditional prediction and washes the colour out.
 
     Returns a ``FineTuneResult``; ``extra["hypernetwork"]`` is the trained module.
 
@@ -773,6 +808,7 @@ def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 1
     """
     steps, lr, batch_size, seed = _check_train_args(steps, lr, batch_size, seed, latents, captions,
                                                     pipe.tokenizer)
+    p_uncond = checks.check_float("p_uncond", p_uncond, 0.0, 1.0)
     unet = copy.deepcopy(pipe.unet)
     unet.requires_grad_(False)
     hyper = make_hypernetwork(unet, hidden, seed)
@@ -781,7 +817,8 @@ def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 1
     hyper.train()
     losses, seconds = _train("hypernetwork", unet, list(hyper.parameters()),
                              lambda idx, _: ctx[idx], latents, steps, lr, batch_size, seed,
-                             training_scheduler(pipe))
+                             training_scheduler(pipe), uncond=_encode_frozen(pipe, [""]),
+                             p_uncond=p_uncond)
     hyper.eval().requires_grad_(False)
     return FineTuneResult("hypernetwork", _rebuild(pipe, unet=unet), losses,
                           trained_parameters=sum(p.numel() for p in hyper.parameters()),

@@ -175,14 +175,48 @@ def test_lora_leaves_base_weights_and_counts_parameters(pipe, data):
                     if "lora_" not in n}
     assert base_in_copy.keys() == base.keys()
     assert all(torch.equal(base_in_copy[k], base[k]) for k in base)
-    # r * (in + out) for every adapted linear layer: counted from the module shapes
-    expected = sum(2 * (m.in_features + m.out_features) for n, m in pipe.unet.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.endswith(finetune.LORA_TARGETS))
+    # r * (in + out) for every adapted linear layer, r * (in * 3 * 3 + out) for every adapted
+    # 3x3 convolution: counted from the module shapes
+    modules = dict(pipe.unet.named_modules())
+    linear = [m for n, m in modules.items() if n.endswith(finetune.ATTENTION_TARGETS)]
+    convs = [m for n, m in modules.items() if n.endswith((".conv1", ".conv2"))]
+    assert all(isinstance(m, torch.nn.Linear) for m in linear) and linear
+    assert all(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in convs) and convs
+    expected = (sum(2 * (m.in_features + m.out_features) for m in linear)
+                + sum(2 * (m.in_channels * 9 + m.out_channels) for m in convs))
     assert res.trained_parameters == sum(p.numel() for p in lora.values()) == expected
     assert finetune.lora_parameter_count(pipe.unet, 2) == expected
+    assert finetune.lora_parameter_count(pipe.unet, 2, finetune.ATTENTION_TARGETS) == sum(
+        2 * (m.in_features + m.out_features) for m in linear)
     assert any(not torch.all(p == 0) for n, p in lora.items() if "lora_B" in n)
     n_attn = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith((".attn1", ".attn2")))
-    assert len(res.trained_modules) == 4 * n_attn
+    n_resnets = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".conv1"))
+    assert len(res.trained_modules) == 4 * n_attn + 2 * n_resnets
+
+
+def test_lora_on_attention_only_is_an_option(pipe, data):
+    d, latents = data
+    caps = [c.replace("<star>", "sks triangle") for c in d.captions]
+    res = finetune.train_lora(pipe, latents, caps, r=2, steps=1, batch_size=2,
+                              target_modules=finetune.ATTENTION_TARGETS)
+    assert all(m.endswith(finetune.ATTENTION_TARGETS) for m in res.trained_modules)
+    assert res.trained_parameters == finetune.lora_parameter_count(pipe.unet, 2,
+                                                                   finetune.ATTENTION_TARGETS)
+
+
+def test_fine_tuning_trains_the_empty_prompt_too(pipe, data):
+    """A share p_uncond of each batch uses the empty prompt's context: with p_uncond=1 the
+    captions no longer matter, so two different caption sets give the same LoRA."""
+    d, latents = data
+    caps_a = [c.replace("<star>", "sks triangle") for c in d.captions]
+    caps_b = ["a red circle on the left"] * len(caps_a)
+    kw = dict(r=2, steps=2, lr=0.05, batch_size=2, seed=1)
+    a = finetune.train_lora(pipe, latents, caps_a, p_uncond=1.0, **kw)
+    b = finetune.train_lora(pipe, latents, caps_b, p_uncond=1.0, **kw)
+    c = finetune.train_lora(pipe, latents, caps_b, p_uncond=0.0, **kw)
+    assert a.losses == b.losses and a.losses != c.losses
+    with pytest.raises(SdkitInputError, match=r"^p_uncond="):
+        finetune.train_hypernetwork(pipe, latents, caps_a, p_uncond=1.5)
 
 
 def test_lora_file_is_safetensors_and_loads_back(pipe, data, tmp_path):
