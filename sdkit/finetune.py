@@ -521,7 +521,7 @@ def lora_parameter_count(unet, r: int, target_modules=LORA_TARGETS) -> int:
 
 def train_lora(pipe, latents, captions, class_latents=None, class_captions=None, r: int = 4,
                alpha: float | None = None, prior_weight: float = 1.0, steps: int = 250,
-               lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
+               lr: float = 2e-3, batch_size: int = 8, seed: int = 0,
                target_modules=LORA_TARGETS, p_uncond: float = P_UNCOND) -> FineTuneResult:
     """DreamBooth with LoRA: adapt a copy of the UNet to pictures of a subject captioned
     with a rare identifier (``"a sks triangle on the left"``).
