@@ -476,6 +476,9 @@ CASES = [
          Refused("token", "'star'", "angle brackets"), needs_pipe=True),
     Case("lora-rank-0", lambda c: _finetune().lora_config(r=0),
          Refused("r", "0", "[1, 1024]")),
+    Case("lora-p-uncond-above-1", lambda c: _finetune().train_lora(
+        c.pipe, torch.zeros(1, 4, 16, 16), ["a red circle on the left"], p_uncond=1.5),
+         Refused("p_uncond", "1.5", "[0.0, 1.0]"), needs_pipe=True),
     Case("load-embedding-pickle", lambda c: _finetune().load_embedding(
         c.pipe, _pickle_file(c, "star.bin")),
          Refused("path", "star.bin", ".safetensors file"), needs_pipe=True),
