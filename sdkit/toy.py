@@ -313,7 +313,14 @@ def train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: fl
     The toy VAE learnt from the training world only and decoded purple as blue. The encoder
     stays frozen, so the latents the UNet learnt from keep their meaning; only the way back
     to pixels learns more colours and shapes (and gets sharper on the old ones).
+
+    Introduced in notebooks/09_fine_tuning.ipynb (section 1: what the model does not know).
     """
+    from .checks import check_float, check_int, check_seed
+
+    steps, n_images = check_int("steps", steps, 0, 1_000_000), check_int("n_images", n_images, 1)
+    batch, seed = check_int("batch", batch, 1, 4096), check_seed(seed)
+    lr = check_float("lr", lr, 1e-12, 1.0)
     torch.manual_seed(seed)
     images = np.stack([shapes.make_example(20_000_000 + seed * n_images + i,
                                            colours=tuple(shapes.COLOURS), shapes=shapes.SHAPES).image
@@ -343,16 +350,24 @@ def train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: fl
     return vae.eval()
 
 
-def finetune_decoder(folder=TOY_DIR, steps: int | None = None, log=print) -> float:
+def finetune_decoder(folder=TOY_DIR, steps: int | None = None, n_images: int = 6000,
+                     log=print) -> float:
     """Run the decoder stage of the recipe on a saved model folder (its VAE is rewritten);
-    returns the held-out PSNR afterwards. ``python -m sdkit.toy finetune-decoder``."""
+    returns the held-out PSNR afterwards. ``python -m sdkit.toy finetune-decoder``.
+
+    Introduced in notebooks/09_fine_tuning.ipynb (section 1: what the model does not know).
+    """
     from diffusers import AutoencoderKL
 
+    from .checks import fail
+
     folder = Path(folder)
+    if not (folder / "vae" / "config.json").is_file():
+        fail("folder", str(folder), "expected a diffusers pipeline folder with a vae/ subfolder")
     vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True)
     steps = RECIPE["decoder_steps"] if steps is None else steps
     t0 = time.time()
-    train_decoder(vae, steps, log=log)
+    train_decoder(vae, steps, n_images=n_images, log=log)
     vae.save_pretrained(folder / "vae")
     config = json.loads((folder / "vae" / "config.json").read_text())
     config.pop("_name_or_path", None)  # this machine's path: not part of the model
@@ -369,7 +384,8 @@ def finetune_decoder(folder=TOY_DIR, steps: int | None = None, log=print) -> flo
 
 
 def heldout_psnr(vae, n: int = 256) -> float:
-    """Reconstruction PSNR (dB) on ``n`` held-out pictures of the training world."""
+    """Reconstruction PSNR (dB) on ``n`` held-out pictures of the training world (the model
+    card's figure). Introduced in notebooks/11_training_from_scratch.ipynb."""
     held = to_tensor(np.stack([shapes.make_example(10_000_000 + i).image for i in range(n)]))
     with torch.no_grad():
         return psnr(vae.decode(vae.encode(held).latent_dist.mean).sample, held)

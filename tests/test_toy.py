@@ -118,3 +118,46 @@ def test_small_evaluation_meets_the_bars():
     assert figs["uncond_one_shape_all_attributes"] <= 0.35
     assert figs["guidance_3"]["all_attributes"] > figs["guidance_0"]["all_attributes"] + 0.3
     assert figs["attention_pointing"] >= 0.6
+
+
+def test_decoder_stage_trains_the_decoder_only_and_records_itself(tmp_path):
+    """The recipe's last stage: the encoder (and so every latent the UNet learnt) stays
+    bit-identical, the decoder moves, and the folder's VAE and training record are rewritten."""
+    torch.manual_seed(0)
+    vae = toy.make_vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    toy.train_decoder(vae, steps=2, n_images=8, batch=4, log=lambda *_: None)
+    after = vae.state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec and len(enc) + len(dec) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    assert not any(p.requires_grad for p in vae.parameters())
+
+    folder = tmp_path / "model"
+    vae.save_pretrained(folder / "vae")
+    (folder / "training.json").write_text(json.dumps({"recipe": {"decoder_steps": 0}}))
+    psnr = toy.finetune_decoder(folder, steps=1, n_images=8, log=lambda *_: None)
+    assert 0 < psnr < 100
+    info = json.loads((folder / "training.json").read_text())
+    assert info["recipe"]["decoder_steps"] == 1 and info["vae_psnr_db"] == round(psnr, 2)
+    assert "_name_or_path" not in json.loads((folder / "vae" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(steps=-1), "steps"), (dict(n_images=0), "n_images"), (dict(batch=0), "batch"),
+    (dict(lr=float("nan")), "lr"), (dict(seed=-1), "seed"),
+])
+def test_decoder_stage_refuses_bad_inputs(kwargs, name):
+    from sdkit.checks import SdkitInputError
+
+    with pytest.raises(SdkitInputError, match=rf"^{name}="):
+        toy.train_decoder(toy.make_vae(), **{"steps": 1, **kwargs})
+
+
+def test_finetune_decoder_refuses_a_folder_without_a_vae(tmp_path):
+    from sdkit.checks import SdkitInputError
+
+    with pytest.raises(SdkitInputError, match=r"^folder="):
+        toy.finetune_decoder(tmp_path)
