@@ -287,8 +287,7 @@ def _ids(tokenizer, captions) -> torch.Tensor:
 
 
 def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, scheduler,
-           class_latents=None, prior_weight=1.0, after_step=None, cross_attention_kwargs=None,
-           uncond=None, p_uncond=P_UNCOND):
+           class_latents=None, prior_weight=1.0, uncond=None, p_uncond=P_UNCOND):
     """The loop shared by the three methods: sample a batch, noise it, one AdamW step.
 
     ``encode(idx, prior)`` gives the encoder_hidden_states of the captions at ``idx``.
@@ -316,7 +315,7 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
         if uncond is not None:
             drop = (torch.rand(batch_size, generator=g) < p_uncond).to(device)
             context = torch.where(drop[:, None, None], uncond.to(context.dtype), context)
-        return diffusion_loss(unet, scheduler, x0, context, noise, t, cross_attention_kwargs)
+        return diffusion_loss(unet, scheduler, x0, context, noise, t)
 
     t0 = time.time()
     bar = tqdm(range(steps), desc=desc)
@@ -328,8 +327,6 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        if after_step is not None:
-            after_step()
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")

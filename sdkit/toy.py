@@ -278,7 +278,7 @@ def train_vae(workdir: Path, images: np.ndarray, steps: int, batch: int = 32, cr
     ckpt = workdir / "vae.ckpt.safetensors"
     start = _load_ckpt(ckpt, {"vae": vae}, opt)["step"] if ckpt.exists() else 0
     gen = np.random.default_rng(seed + start)
-    held = to_tensor(np.stack([shapes.make_example(10_000_000 + i).image for i in range(64)]))
+    held = to_tensor(shapes.make_dataset(64, seed=10_000_000)[0])
     t0 = time.time()
     bar = tqdm(range(start, steps), desc="VAE", initial=start, total=steps)
     for step in bar:
@@ -322,9 +322,8 @@ def train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: fl
     batch, seed = check_int("batch", batch, 1, 4096), check_seed(seed)
     lr = check_float("lr", lr, 1e-12, 1.0)
     torch.manual_seed(seed)
-    images = np.stack([shapes.make_example(20_000_000 + seed * n_images + i,
-                                           colours=tuple(shapes.COLOURS), shapes=shapes.SHAPES).image
-                       for i in range(n_images)])
+    images, _ = shapes.make_dataset(n_images, seed=20_000_000 + seed * n_images,
+                                    colours=tuple(shapes.COLOURS), shapes=shapes.SHAPES)
     x_all = to_tensor(images)  # (N, 3, 64, 64)
     z_all = encode_latents(vae, images)  # (N, 4, 16, 16), unscaled posterior means
     vae.requires_grad_(False)
@@ -386,7 +385,7 @@ def finetune_decoder(folder=TOY_DIR, steps: int | None = None, n_images: int = 6
 def heldout_psnr(vae, n: int = 256) -> float:
     """Reconstruction PSNR (dB) on ``n`` held-out pictures of the training world (the model
     card's figure). Introduced in notebooks/11_training_from_scratch.ipynb."""
-    held = to_tensor(np.stack([shapes.make_example(10_000_000 + i).image for i in range(n)]))
+    held = to_tensor(shapes.make_dataset(n, seed=10_000_000)[0])
     with torch.no_grad():
         return psnr(vae.decode(vae.encode(held).latent_dist.mean).sample, held)
 
