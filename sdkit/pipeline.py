@@ -3,7 +3,7 @@
 ``load_pipeline()`` returns a stock diffusers ``StableDiffusionPipeline``. Which weights it
 loads comes from its ``model`` argument or else the ``SDKIT_MODEL`` environment variable:
 
-- ``"toy"`` (the default): data/toy-sd, trained by ``python -m sdkit.toy train``;
+- ``"toy"`` (the default): data/toy-sd, trained by ``python -m sdkit.training train``;
 - a Hugging Face Hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"`` (read from
   the local hub cache; downloaded only when the machine is online and ``HF_HUB_OFFLINE`` is
   not set);
@@ -16,9 +16,15 @@ loads comes from its ``model`` argument or else the ``SDKIT_MODEL`` environment 
 
 Device and dtype come from ``sdkit.device.get_device``. Weights are read from safetensors only
 (pickle files are refused) and no code is ever downloaded (``trust_remote_code`` stays off).
-``save_single_file`` writes a pipeline back as one file in the original layout, so the two
-layouts can be compared side by side. ``parameter_counts`` and ``peak_memory_bytes`` feed
-notebook 06's memory accounting.
+
+It also holds what every notebook after it shares when it runs a pipeline: the kit's default
+settings (``default_settings``, ``resolve_settings``), the prompt encoder (``encode_prompt``),
+seeded CPU generators and starting noise (``make_generators``, ``initial_latents``), one image
+or a seeded batch of them (``generate``, ``generate_images``), the training noise schedule
+(``training_scheduler``) and the kit's default sampler (``dpm_solver``).
+
+A function here whose docstring names no notebook serves the other sdkit modules only;
+no notebook calls it directly.
 
 Left out: SDXL, SD3 and other pipeline families; ``.ckpt`` conversion (do it with diffusers'
 scripts on a machine you trust); schedulers are swapped in notebook 02.
@@ -31,11 +37,21 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
 
 from . import checks
 from .device import get_device
-from .toy import DEFAULT_GUIDANCE, DEFAULT_STEPS, TOY_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_DIR = ROOT / "data" / "toy-sd"  # the kit's own model (notebook 11 trains it)
+MAX_LENGTH = 20  # the toy's tokens per prompt, start and end tokens included (SD uses 77)
+DEFAULT_STEPS = 10  # the kit's default number of denoising steps for the toy model
+DEFAULT_GUIDANCE = 4.0  # the kit's default guidance scale for the toy model
+MAX_BATCH = 64  # images per pipeline call; bigger sets are generated in several batches
 
 MODEL_ENV = "SDKIT_MODEL"
 CONFIG_ENV = "SDKIT_MODEL_CONFIG"
@@ -49,13 +65,14 @@ class ModelNotFoundError(FileNotFoundError):
 
     The message names the model, says where sdkit looked and how to get it. It is an
     ``OSError``, like the hub client's own errors.
-
-    Introduced in notebooks/06_full_generation.ipynb.
     """
 
 
 def is_toy(pipe) -> bool:
-    """True for the kit's own small model (its tokenizer knows only the shapes world)."""
+    """True for the kit's own small model (its tokenizer knows only the shapes world).
+
+    Introduced in notebooks/01_forward_noising.ipynb.
+    """
     return len(pipe.tokenizer) < 2000
 
 
@@ -67,6 +84,19 @@ def default_settings(pipe) -> dict:
     if is_toy(pipe):
         return {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
     return {"num_inference_steps": 30, "guidance_scale": 7.5}
+
+
+def resolve_settings(pipe, num_inference_steps=None, guidance_scale=None) -> tuple[int, float]:
+    """``(steps, scale)``: the arguments where given, else ``default_settings(pipe)``, checked.
+
+    Introduced in notebooks/02_reverse_denoising.ipynb.
+    """
+    d = default_settings(pipe)
+    steps = checks.check_steps(d["num_inference_steps"] if num_inference_steps is None
+                               else num_inference_steps)
+    scale = checks.check_guidance(d["guidance_scale"] if guidance_scale is None
+                                  else guidance_scale)
+    return steps, scale
 
 
 def hub_offline() -> bool:
@@ -147,8 +177,6 @@ def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=Non
 
     Introduced in notebooks/06_full_generation.ipynb.
     """
-    from diffusers import StableDiffusionPipeline
-
     model = model if model is not None else os.environ.get(MODEL_ENV, "").strip() or "toy"
     if not isinstance(model, (str, os.PathLike)):
         checks.fail("model", model, "expected 'toy', a hub id, a folder or a .safetensors file")
@@ -166,7 +194,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=Non
         if not (TOY_DIR / "model_index.json").exists():
             raise ModelNotFoundError(
                 f"model='toy': the kit's own model is not on disk at {TOY_DIR}; train it with "
-                "`python -m sdkit.toy train` (about an hour on a laptop CPU), or set "
+                "`python -m sdkit.training train` (about an hour on a laptop CPU), or set "
                 "SDKIT_MODEL to a hub id, a diffusers folder or a .safetensors file")
         pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR, local_files_only=True,
                                                        trust_remote_code=False, **common)
@@ -197,8 +225,6 @@ def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=Non
 
 
 def _load_from_hub(repo_id: str, no_checker: dict, common: dict):
-    from diffusers import StableDiffusionPipeline
-
     offline = hub_offline()
     if offline and not _in_hub_cache(repo_id):
         raise _not_on_disk(repo_id, "model_index.json is not in the local hub cache") from None
@@ -214,8 +240,6 @@ def _load_from_hub(repo_id: str, no_checker: dict, common: dict):
 
 
 def _load_single_file(path: Path, config, safety_checker: bool, common: dict):
-    from diffusers import StableDiffusionPipeline
-
     config = config if config is not None else (os.environ.get(CONFIG_ENV, "").strip() or None)
     kwargs = dict(common)
     kwargs.pop("use_safetensors")  # the suffix was checked: .safetensors only
@@ -260,189 +284,170 @@ def _load_single_file(path: Path, config, safety_checker: bool, common: dict):
         ) from None
 
 
+# ------------------------------------------------------------------------------ running it
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompts: list[str], negative_prompts: list[str] | None = None):
+    """Text embeddings ``(cond, uncond)``, each (B, T, D), as the pipeline makes them.
+
+    The unconditional embedding is the text encoder's output for the empty prompt ""
+    (or for the negative prompt, which simply takes its place). Two text-encoder calls,
+    like ``StableDiffusionPipeline.encode_prompt``, so results are bit-identical. Prompts
+    are not checked here: the caller checks them once.
+
+    Introduced in notebooks/02_reverse_denoising.ipynb.
+    """
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    prompts = checks.check_list("prompts", prompts)
+    if negative_prompts is not None:
+        negative_prompts = checks.check_per_seed("negative_prompts", negative_prompts,
+                                                 len(prompts))
+
+    def embed(texts, max_length):
+        ids = tok(texts, padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="pt").input_ids  # (B, T)
+        return enc(ids.to(enc.device))[0]  # (B, T, D)
+
+    cond = embed(prompts, tok.model_max_length)
+    uncond = embed(negative_prompts if negative_prompts is not None else [""] * len(prompts),
+                   cond.shape[1])
+    return cond, uncond
+
+
+def make_generators(seeds):
+    """One CPU ``torch.Generator`` for an int seed, a list of them for a list of seeds.
+
+    On the CPU, so that the same seed gives the same starting noise on every device.
+
+    Introduced in notebooks/02_reverse_denoising.ipynb.
+    """
+    if isinstance(seeds, (list, tuple)):
+        return [torch.Generator("cpu").manual_seed(checks.check_seed(s, "seeds"))
+                for s in checks.check_list("seeds", seeds)]
+    return torch.Generator("cpu").manual_seed(checks.check_seed(seeds))
+
+
+def initial_latents(pipe, generator, batch_size: int = 1, height: int | None = None,
+                    width: int | None = None, dtype=None) -> torch.Tensor:
+    """The starting noise x_T, (B, C, h, w), drawn on the CPU and moved to the UNet's device.
+
+    ``generator``: one CPU ``torch.Generator`` draws the whole batch (like
+    ``pipe(..., generator=g)``); a list gives one generator per image (like
+    ``pipe(..., generator=[g1, g2, ...])``); an int or a list of ints is a shortcut that
+    makes those generators from seeds. Not yet multiplied by ``scheduler.init_noise_sigma``.
+
+    Introduced in notebooks/02_reverse_denoising.ipynb.
+    """
+    batch_size = checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
+    f = pipe.vae_scale_factor
+    side = pipe.unet.config.sample_size * f
+    height, width = checks.check_size(side if height is None else height,
+                                      side if width is None else width, multiple=f)
+    shape = (batch_size, pipe.unet.config.in_channels, height // f, width // f)
+    dtype = dtype or pipe.unet.dtype
+    if isinstance(generator, int) or (isinstance(generator, (list, tuple))
+                                      and all(isinstance(g, int) for g in generator)):
+        generator = make_generators(generator)
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch_size:
+            checks.fail("generator", generator,
+                        f"expected one generator per image ({batch_size}) or a single one")
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype)
+                           for g in generator])
+    elif isinstance(generator, torch.Generator):
+        noise = torch.randn(shape, generator=generator, dtype=dtype)
+    else:
+        checks.fail("generator", generator, "expected a CPU torch.Generator, a list of them, "
+                                            "a seed or a list of seeds")
+    return noise.to(pipe.unet.device)
+
+
 @torch.no_grad()
 def generate(pipe, prompt: str, seed: int = 0, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, **kwargs):
     """One image from the pipeline call with a seeded CPU generator; returns a PIL image.
 
     Same seed, same image: the generator lives on the CPU, so the starting noise is the
-    same on every device.
+    same on every device. Other keyword arguments go to the pipeline call.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/03_text_and_cross_attention.ipynb.
     """
-    d = default_settings(pipe)
-    steps = checks.check_steps(d["num_inference_steps"] if num_inference_steps is None
-                               else num_inference_steps)
-    scale = checks.check_guidance(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+    steps, scale = resolve_settings(pipe, num_inference_steps, guidance_scale)
     checks.check_prompt(prompt, pipe.tokenizer, allow_empty=scale == 0)
-    seed = checks.check_seed(seed)
+    g = make_generators(seed)
     if "height" in kwargs or "width" in kwargs:
         # diffusers resets both to the default when only one is given: check both here
         side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        kwargs["height"], kwargs["width"] = checks.check_size(kwargs.get("height") or side,
-                                                              kwargs.get("width") or side)
-    g = torch.Generator("cpu").manual_seed(seed)
+        kwargs["height"], kwargs["width"] = checks.check_size(
+            side if kwargs.get("height") is None else kwargs["height"],
+            side if kwargs.get("width") is None else kwargs["width"],
+            multiple=pipe.vae_scale_factor)
     return pipe(prompt, num_inference_steps=steps, guidance_scale=scale, generator=g,
                 **kwargs).images[0]
 
 
-# ------------------------------------------------------------------------------ memory
+@torch.no_grad()
+def generate_images(pipe, prompts, seeds, num_inference_steps: int | None = None,
+                    guidance_scale: float | None = None, batch_size: int = 8,
+                    output: str = "pil", desc: str = "generating",
+                    known_words_only: bool | None = None) -> list:
+    """One image per seed, ``batch_size`` per pipeline call, one CPU generator per seed (the
+    same seed gives the same starting noise whatever the batch; the same seeds and batch size
+    give the same images bit for bit). ``prompts``: one str, or one per seed;
+    the empty prompt is allowed (the unconditional model, e.g. with ``guidance_scale=0``).
+    ``output``: ``"pil"`` (PIL images) or ``"uint8"`` ((H, W, 3) arrays). Steps and guidance
+    default to ``default_settings(pipe)``. ``known_words_only=False`` lets prompts hold words
+    the toy has no token for (a rare identifier such as ``sks`` splits into pieces).
 
-
-def parameter_counts(pipe) -> dict[str, int]:
-    """Number of weights in each of the pipeline's torch modules (unet, vae, text_encoder, ...).
-
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/09_fine_tuning.ipynb.
     """
-    counts = {}
-    for name, part in pipe.components.items():
-        if isinstance(part, torch.nn.Module):
-            counts[name] = sum(p.numel() for p in part.parameters())
-    return counts
+    seeds = checks.check_list("seeds", seeds)
+    generators = make_generators(seeds)
+    prompts = checks.check_per_seed("prompts", prompts, len(seeds))
+    steps, scale = resolve_settings(pipe, num_inference_steps, guidance_scale)
+    for p in set(prompts):
+        checks.check_prompt(p, pipe.tokenizer, name="prompts", allow_empty=True,
+                            known_words_only=known_words_only)
+    batch_size = checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
+    output = checks.check_choice("output", output, ("pil", "uint8"))
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    starts = range(0, len(seeds), batch_size)
+    for i in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
+        out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=scale,
+                   generator=generators[i:i + batch_size], output_type="np").images
+        images += list((np.clip(out, 0, 1) * 255).round().astype(np.uint8))  # each (H, W, 3)
+    return images if output == "uint8" else [Image.fromarray(im) for im in images]
 
 
-def peak_memory_bytes(device=None) -> int:
-    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's
-    peak resident set size (``ru_maxrss``; psutil's current RSS where ``resource`` is missing).
+def training_scheduler(pipe_or_scheduler) -> DDPMScheduler:
+    """The noise schedule the model was trained with, as a ``DDPMScheduler`` built from the
+    pipeline's (or the scheduler's) own config: same betas, ``alphas_cumprod``, prediction type
+    and timestep spacing, whatever sampler the pipeline carries.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    A pipeline ships its *sampler* (the toy model: DPM-Solver++). The sampler's ``add_noise``
+    only works at the timesteps of its own sampling plan, and with a zero terminal SNR
+    schedule it stores ``alphas_cumprod[-1] = 2**-24`` instead of 0 so that its first sigma is
+    finite. Rebuilding a DDPMScheduler from the same config gives the training-time forward
+    process at every t, with the exact betas.
+
+    Introduced in notebooks/01_forward_noising.ipynb.
     """
-    device = get_device(device, "float32").device
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
-    except ImportError:  # Windows
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
+    scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
+    if not hasattr(scheduler, "config") or "num_train_timesteps" not in scheduler.config:
+        checks.fail("pipe_or_scheduler", type(pipe_or_scheduler).__name__,
+                    "expected a diffusers pipeline or scheduler, e.g. pipe or pipe.scheduler")
+    return DDPMScheduler.from_config(scheduler.config)
 
 
-def check_fp16_bytes(pipe, answer, part: str = "unet") -> bool:
-    """Notebook 06's exercise: how many bytes do ``part``'s weights take in float16?
-
-    ``answer``: an int, or None (not answered yet). Prints whether it is right (and a hint
-    if not); returns True or False.
-
-    Introduced in notebooks/06_full_generation.ipynb.
+def dpm_solver(scheduler_config) -> DPMSolverMultistepScheduler:
+    """The kit's default sampler: DPM-Solver++ on the training schedule ``scheduler_config``
+    (a scheduler's ``.config``), ending on sigma 0 (``final_sigmas_type="zero"``).
     """
-    counts = parameter_counts(pipe)
-    checks.check_choice("part", part, sorted(counts))
-    if answer is None:
-        print(f"Not answered yet: set answer to the number of bytes {part}'s weights take "
-              "in float16.")
-        return False
-    answer = checks.check_int("answer", answer, 0)
-    right = counts[part] * 2
-    if answer == right:
-        print(f"Right: {counts[part]:,} weights x 2 bytes = {right:,} bytes "
-              f"({right / 2**20:.1f} MiB).")
-        return True
-    hint = ("that is the float32 size (4 bytes per weight)" if answer == counts[part] * 4 else
-            "count the weights with parameter_counts(pipe) and multiply by the bytes per weight")
-    print(f"Not quite: {answer:,} bytes; {hint}.")
-    return False
-
-
-# ------------------------------------------------------------------------------ single file
-
-
-def _unet_to_ldm(sd: dict, config) -> dict:
-    """diffusers UNet keys -> the original SD (LDM) keys: the inverse of diffusers'
-    ``convert_ldm_unet_checkpoint`` (after diffusers' scripts/convert_diffusers_to_original)."""
-    per = config.layers_per_block + 1  # LDM numbers resnets, attentions and samplers together
-    n = len(config.block_out_channels)
-    prefixes = [("time_embedding.linear_1.", "time_embed.0."),
-                ("time_embedding.linear_2.", "time_embed.2."),
-                ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."),
-                ("conv_out.", "out.2."), ("mid_block.resnets.0.", "middle_block.0."),
-                ("mid_block.attentions.0.", "middle_block.1."),
-                ("mid_block.resnets.1.", "middle_block.2.")]
-    for i in range(n):
-        for j in range(config.layers_per_block):
-            prefixes += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{per * i + j + 1}.0."),
-                         (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{per * i + j + 1}.1.")]
-        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.",
-                         f"input_blocks.{per * (i + 1)}.0.op."))
-        has_attn = "CrossAttn" in config.up_block_types[i]
-        for j in range(per):
-            prefixes += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{per * i + j}.0."),
-                         (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{per * i + j}.1.")]
-        prefixes.append((f"up_blocks.{i}.upsamplers.0.",
-                         f"output_blocks.{per * i + per - 1}.{2 if has_attn else 1}."))
-    resnet = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
-              ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
-              ("conv_shortcut.", "skip_connection.")]
-    out = {}
-    for key, value in sd.items():
-        new = key
-        for hf, ldm in prefixes:
-            if key.startswith(hf):
-                new = ldm + key[len(hf):]
-                if ".resnets." in hf:
-                    for a, b in resnet:
-                        new = new.replace("." + a, "." + b)
-                break
-        else:
-            raise KeyError(f"no original-layout name for UNet weight {key}")
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def _vae_to_ldm(sd: dict, config) -> dict:
-    """diffusers VAE keys -> original SD keys (the decoder's up blocks count the other way)."""
-    n = len(config.block_out_channels)
-    prefixes = [("encoder.conv_norm_out.", "encoder.norm_out."),
-                ("decoder.conv_norm_out.", "decoder.norm_out.")]
-    for part in ("encoder", "decoder"):
-        prefixes += [(f"{part}.mid_block.resnets.{k}.", f"{part}.mid.block_{k + 1}.")
-                     for k in (0, 1)]
-        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
-    for i in range(n):
-        prefixes += [(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
-                     (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
-                     (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."),
-                     (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.")]
-    attn = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
-            ("to_out.0.", "proj_out.")]
-    out = {}
-    for key, value in sd.items():
-        new = key
-        for hf, ldm in prefixes:
-            if key.startswith(hf):
-                new = ldm + key[len(hf):]
-                break
-        if ".mid.attn_1." in new:
-            for a, b in attn:
-                new = new.replace(".attn_1." + a, ".attn_1." + b)
-            if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
-                value = value[:, :, None, None]
-        out["first_stage_model." + new.replace("conv_shortcut", "nin_shortcut")] = value
-    return out
-
-
-def save_single_file(pipe, path) -> Path:
-    """Write the pipeline's unet, vae and text_encoder as one ``.safetensors`` file in the
-    original SD key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.transformer.*``), the format ``from_single_file`` reads. The tokenizer,
-    scheduler and configs are not in it: load it back with ``config=`` a diffusers folder.
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        checks.fail("path", str(path), "expected a file name ending in .safetensors")
-    state = _unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
-    state.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    te = pipe.text_encoder.state_dict()
-    state.update({"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-                  for k, v in te.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-    return path
+    if not hasattr(scheduler_config, "get") or "num_train_timesteps" not in scheduler_config:
+        checks.fail("scheduler_config", type(scheduler_config).__name__,
+                    "expected a scheduler's config, e.g. pipe.scheduler.config")
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, final_sigmas_type="zero")

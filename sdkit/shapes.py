@@ -7,7 +7,10 @@ Everything is deterministic by seed and drawn with numpy in a fraction of a mill
 
 The module also holds the *checker*: a deterministic pixel reader that finds the coloured
 blobs in an image and reads colour, shape and position back. It scores generated images
-against their prompts (notebooks 02-11 and ``python -m sdkit.toy evaluate``).
+against their prompts (notebooks 02-11 and ``python -m sdkit.evaluation``).
+
+A function here whose docstring names no notebook serves the other sdkit modules only;
+no notebook calls it directly.
 
 Left out on purpose: rotation, occlusion, textures, more than two objects. The colour
 ``purple`` and the shape ``star`` can be drawn but are never used in training, so that the
@@ -21,6 +24,10 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from . import checks
 
 SIZE = 64  # image side in pixels
 
@@ -55,11 +62,16 @@ PAIRS = (("left", "right"), ("top", "bottom"))  # the layouts of a two-shape pic
 JITTER = 3  # pixels of random offset around the anchor
 HALF_SIZES = (9, 12)  # a shape's half-width is drawn from this range (inclusive)
 SUPERSAMPLE = 4  # anti-aliasing: shapes are drawn at 4x and averaged down
+HOLDOUT_EVERY = 10  # every 10th two-shape caption is never shown in training
+MAX_DATASET = 200_000  # pictures per call: 200,000 x 12 KiB = 2.3 GiB of uint8
 
 
 @dataclass(frozen=True)
 class Obj:
-    """One shape in a scene: its colour, shape and position words."""
+    """One shape in a scene: its colour, shape and position words.
+
+    Introduced in notebooks/04_vae_latents.ipynb.
+    """
 
     colour: str
     shape: str
@@ -82,13 +94,10 @@ class Example:
 
 
 def caption_of(objects) -> str:
-    """The caption of a scene: its objects' phrases joined by ``and``, in the given order.
-
-    Introduced in notebooks/11_training_from_scratch.ipynb.
-    """
+    """The caption of a scene: its objects' phrases joined by ``and``, in the given order."""
     objects = tuple(objects)
     if len(objects) not in (1, 2):
-        raise ValueError(f"objects: a scene has 1 or 2 objects, got {len(objects)}")
+        checks.fail("objects", objects, "expected a scene of 1 or 2 objects")
     return " and ".join(o.phrase for o in objects)
 
 
@@ -105,22 +114,21 @@ def parse_caption(caption: str) -> tuple[Obj, ...]:
     ``parse_caption("a red circle on the left")`` -> ``(Obj('red', 'circle', 'left'),)``.
     Raises ValueError naming the caption when it is not of the grammar.
 
-    Introduced in notebooks/02_reverse_denoising.ipynb.
+    Introduced in notebooks/10_image_variations.ipynb.
     """
     if not isinstance(caption, str):
-        raise TypeError(f"caption: expected a str, got {type(caption).__name__}")
+        checks.fail("caption", caption, "expected a str")
     objects = []
     for part in caption.strip().split(" and "):
         m = _PHRASE_RE.match(part.strip())
         if not m or m["colour"] not in COLOURS or m["shape"] not in SHAPES:
-            raise ValueError(
-                f"caption={caption!r} is not of the shapes grammar: expected phrases like "
-                f"'a <colour> <shape> <position>' joined by ' and ', with colour in "
-                f"{sorted(COLOURS)}, shape in {list(SHAPES)}, position in {list(PHRASES.values())}"
-            )
+            checks.fail("caption", caption,
+                        "expected the shapes grammar: phrases like 'a <colour> <shape> "
+                        f"<position>' joined by ' and ', with colour in {sorted(COLOURS)}, "
+                        f"shape in {list(SHAPES)}, position in {list(PHRASES.values())}")
         objects.append(Obj(m["colour"], m["shape"], _WHERE[m["where"]]))
     if len(objects) > 2:
-        raise ValueError(f"caption={caption!r} names {len(objects)} objects; at most 2 allowed")
+        checks.fail("caption", caption, f"expected at most 2 objects, got {len(objects)}")
     return tuple(objects)
 
 
@@ -128,8 +136,6 @@ def all_captions(colours=TRAIN_COLOURS, shapes=TRAIN_SHAPES) -> list[str]:
     """Every caption of the grammar for these colours and shapes (singles, then pairs).
 
     Pairs name two different (colour, shape) objects, in either order.
-
-    Introduced in notebooks/11_training_from_scratch.ipynb.
     """
     kinds = list(itertools.product(colours, shapes))
     captions = [caption_of([Obj(c, s, p)]) for c, s in kinds for p in POSITIONS]
@@ -173,25 +179,64 @@ def _shape_mask(shape: str, cx: float, cy: float, h: float) -> np.ndarray:
         cross = (p2[0] - p1[0]) * (v - p1[1]) - (p2[1] - p1[1]) * (u - p1[0])
         inside = (cross >= 0) & (r <= h)
     else:
-        raise ValueError(f"shape={shape!r} is not known; allowed: {list(SHAPES)}")
+        checks.check_choice("shape", shape, SHAPES)
     cov = np.zeros((SIZE, SIZE), np.float32)
     cov[y0:y1, x0:x1] = inside.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
     return cov
 
 
-def render(objects, seed: int) -> Example:
-    """Draw a scene of these objects; ``seed`` fixes the background, jitter and sizes.
+def world_words() -> list[str]:
+    """The words of the training captions: the toy tokenizer makes each a single token.
+
+    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    """
+    words = set()
+    for cap in all_captions():
+        words.update(cap.split())
+    return sorted(words)
+
+
+def heldout_captions() -> set[str]:
+    """Two-shape captions kept out of training (every ``HOLDOUT_EVERY``-th), to test
+    composition on prompts the model never saw.
 
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
+    pairs = [c for c in all_captions() if " and " in c]
+    return set(pairs[::HOLDOUT_EVERY])
+
+
+def eval_prompts(n: int, seed: int = 1234) -> list[str]:
+    """``n`` evaluation prompts: half one-shape, half two-shape; half of the two-shape ones
+    are captions never shown in training. Sampled with a fixed seed.
+
+    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    """
+    n = checks.check_int("n", n, 2, 10_000)
+    rng = np.random.default_rng(checks.check_seed(seed))
+    caps = all_captions()
+    held = heldout_captions()
+    singles = [c for c in caps if " and " not in c]
+    held_pairs = sorted(held)
+    seen_pairs = [c for c in caps if " and " in c and c not in held]
+    n1, n2 = n // 2, n - n // 2
+
+    def pick(pool, k):
+        return [pool[i] for i in rng.integers(0, len(pool), k)]
+
+    return pick(singles, n1) + pick(held_pairs, n2 // 2) + pick(seen_pairs, n2 - n2 // 2)
+
+
+def render(objects, seed: int) -> Example:
+    """Draw a scene of these objects; ``seed`` fixes the background, jitter and sizes.
+
+    Introduced in notebooks/04_vae_latents.ipynb.
+    """
     objects = tuple(objects)
     for o in objects:
-        if o.colour not in COLOURS:
-            raise ValueError(f"colour={o.colour!r} is not known; allowed: {sorted(COLOURS)}")
-        if o.shape not in SHAPES:
-            raise ValueError(f"shape={o.shape!r} is not known; allowed: {list(SHAPES)}")
-        if o.position not in POSITIONS:
-            raise ValueError(f"position={o.position!r} is not known; allowed: {list(POSITIONS)}")
+        checks.check_choice("colour", o.colour, sorted(COLOURS))
+        checks.check_choice("shape", o.shape, SHAPES)
+        checks.check_choice("position", o.position, POSITIONS)
     caption = caption_of(objects)  # checks the count
     rng = np.random.default_rng(seed)
     # pale background: a random light tint plus a gentle linear gradient
@@ -232,12 +277,11 @@ def make_example(seed: int, colours=TRAIN_COLOURS, shapes=TRAIN_SHAPES,
                  n_objects: int | None = None) -> Example:
     """One random scene, fully determined by ``seed``.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/01_forward_noising.ipynb.
     """
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected a non-negative int")
-    if n_objects not in (None, 1, 2):
-        raise ValueError(f"n_objects={n_objects!r}: allowed None (random), 1 or 2")
+    seed = checks.check_seed(seed)
+    if n_objects is not None:
+        checks.check_choice("n_objects", n_objects, (1, 2))
     rng = np.random.default_rng([int(seed), 1])
     objects = random_objects(rng, colours, shapes, n_objects)
     return render(objects, seed=int(seed))
@@ -246,10 +290,9 @@ def make_example(seed: int, colours=TRAIN_COLOURS, shapes=TRAIN_SHAPES,
 def make_dataset(n: int, seed: int = 0, **kwargs):
     """``n`` examples from consecutive seeds: images (n, 64, 64, 3) uint8 and captions.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/04_vae_latents.ipynb.
     """
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n={n!r}: expected a positive int")
+    n = checks.check_int("n", n, 1, MAX_DATASET)
     examples = [make_example(seed + i, **kwargs) for i in range(n)]
     return np.stack([e.image for e in examples]), [e.caption for e in examples]
 
@@ -273,11 +316,10 @@ def _to_uint8_rgb(image) -> np.ndarray:
     """Accept a PIL image, a (64, 64, 3) uint8 array or a float array in [0, 1]."""
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image: expected an RGB image of shape (H, W, 3), got shape {arr.shape}")
+        checks.fail("image", f"array of shape {arr.shape}", "expected an RGB image (H, W, 3)")
     if arr.dtype != np.uint8:
-        from .checks import check_image
-
-        arr = (check_image(arr) * 255).round().astype(np.uint8)  # refuses floats outside [0, 1]
+        # check_image refuses floats outside [0, 1]
+        arr = (checks.check_image(arr) * 255).round().astype(np.uint8)
     return arr
 
 
@@ -290,10 +332,8 @@ def find_blobs(image, min_area: int = 20) -> list[Blob]:
     triangle ~0.5) and from its solidity (a star is far from convex); position is the
     nearest anchor to the blob's bounding-box centre, in a 64-pixel frame.
 
-    Introduced in notebooks/02_reverse_denoising.ipynb.
+    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
     """
-    from scipy import ndimage
-
     arr = _to_uint8_rgb(image).astype(np.int32)
     h, w, _ = arr.shape
     sat = arr.max(axis=2) - arr.min(axis=2)
@@ -332,8 +372,6 @@ def find_blobs(image, min_area: int = 20) -> list[Blob]:
 
 def _solidity(m: np.ndarray) -> float:
     """Area of a mask over the area of its convex hull: ~1 for a triangle, ~0.6 for a star."""
-    from scipy.spatial import ConvexHull
-
     ys, xs = np.nonzero(m)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
     try:
@@ -353,14 +391,14 @@ class ObjectScore:
     all_attributes: bool  # ... and it is at the right position
 
 
-def check_image(image, caption_or_objects) -> list[ObjectScore]:
+def score_image(image, caption_or_objects) -> list[ObjectScore]:
     """Score an image against the objects of a caption: one ObjectScore per object.
 
     For each object, the blobs of its colour are looked at; the object counts as
     ``colour_shape`` right when one of them has its shape, and ``all_attributes`` right
     when one of them has its shape and position.
 
-    Introduced in notebooks/02_reverse_denoising.ipynb.
+    Introduced in notebooks/04_vae_latents.ipynb.
     """
     objects = (parse_caption(caption_or_objects) if isinstance(caption_or_objects, str)
                else tuple(caption_or_objects))
@@ -380,4 +418,37 @@ def prompt_correct(image, caption) -> bool:
 
     Introduced in notebooks/02_reverse_denoising.ipynb.
     """
-    return all(s.all_attributes for s in check_image(image, caption))
+    return all(s.all_attributes for s in score_image(image, caption))
+
+
+def hits(images, captions, criterion: str = "all_attributes") -> list[bool]:
+    """One verdict per image: is every object of its caption there? ``criterion``:
+    ``"colour_shape"`` (right colour and shape anywhere) or ``"all_attributes"`` (also at the
+    right position). ``captions``: one caption for all images, or one per image.
+
+    Introduced in notebooks/09_fine_tuning.ipynb.
+    """
+    images = checks.check_list("images", images)
+    criterion = checks.check_choice("criterion", criterion, ("colour_shape", "all_attributes"))
+    captions = checks.check_per_seed("captions", captions, len(images))
+    return [all(getattr(s, criterion) for s in score_image(im, c))
+            for im, c in zip(images, captions)]
+
+
+def score_images(images, captions) -> dict:
+    """The checker's figures for images against their prompts: the share of objects with the
+    right colour and shape, and the share of one- and of two-shape prompts with every
+    attribute right (NaN where there is no such prompt).
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    images = checks.check_list("images", images)
+    captions = checks.check_per_seed("captions", captions, len(images))
+    obj_cs, one, two = [], [], []
+    for im, c in zip(images, captions):
+        sc = score_image(im, c)
+        obj_cs += [s.colour_shape for s in sc]
+        (one if len(sc) == 1 else two).append(all(s.all_attributes for s in sc))
+    return {"objects_colour_shape": float(np.mean(obj_cs)),
+            "one_shape_all_attributes": float(np.mean(one)) if one else float("nan"),
+            "two_shape_all_attributes": float(np.mean(two)) if two else float("nan")}

@@ -15,7 +15,8 @@ that train in seconds on a CPU:
    the embedding, ``DDPMScheduler.add_noise`` at ``noise_level``, un-normalise, and tell the
    projector the level.
 3. ``variations``: embed a picture, noise, project, and sample the unchanged toy
-   pipeline with ``prompt_embeds`` and several seeds.
+   pipeline with ``prompt_embeds`` and several seeds (``shapes.hits`` then says which
+   variations kept the picture's objects).
 
 Training is deterministic by seed and cached in memory (``fit``). Left out: unCLIP's
 prior (text -> image embedding), mixing text and image conditioning in one prompt, and
@@ -28,9 +29,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.models.embeddings import get_timestep_embedding
 from tqdm.auto import tqdm
 
-from . import checks, shapes
+from . import checks, pipeline, shapes
+from .images import to_tensor
 
 EMBED_DIM = 128  # the shared image-text embedding width
 LEVEL_DIM = 32  # width of the sinusoidal noise-level embedding given to the projector
@@ -80,8 +84,6 @@ class Projector(nn.Module):
         )
 
     def forward(self, image_embeds, noise_level):
-        from diffusers.models.embeddings import get_timestep_embedding
-
         lev = get_timestep_embedding(noise_level, LEVEL_DIM, flip_sin_to_cos=True,
                                      downscale_freq_shift=0)  # (B, 32), as unCLIP
         out = self.mlp(torch.cat([image_embeds, lev.to(image_embeds.dtype)], dim=-1))
@@ -89,7 +91,11 @@ class Projector(nn.Module):
 
 
 class ToyUnCLIP(nn.Module):
-    """The trained parts: encoder, text projection, projector and the embedding statistics."""
+    """The trained parts: encoder, text projection, projector and the embedding statistics
+    (what ``fit`` returns).
+
+    Introduced in notebooks/10_image_variations.ipynb.
+    """
 
     def __init__(self, seq_len: int, hidden: int, text_dim: int):
         super().__init__()
@@ -127,10 +133,8 @@ def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def image_noising_scheduler():
+def _image_noising_scheduler() -> DDPMScheduler:
     """The scheduler that noises image embeddings (unCLIP uses a DDPMScheduler for this)."""
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(num_train_timesteps=MAX_NOISE_LEVEL + 1,
                          beta_schedule="squaredcos_cap_v2")
 
@@ -154,7 +158,7 @@ def noise_augment(model: ToyUnCLIP, image_embeds: torch.Tensor, noise_level,
     if noise is None:
         noise = torch.randn(image_embeds.shape, generator=generator)
     x = (image_embeds - model.embeds_mean) / model.embeds_std
-    x = image_noising_scheduler().add_noise(x, noise.to(x), levels)
+    x = _image_noising_scheduler().add_noise(x, noise.to(x), levels)
     return x * model.embeds_std + model.embeds_mean
 
 
@@ -187,14 +191,17 @@ def text_features(pipe, captions) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _images(n: int, seed: int):
     examples = [shapes.make_example(seed + i) for i in range(n)]
-    x = torch.from_numpy(np.stack([e.image for e in examples])).permute(0, 3, 1, 2)
-    return x.float() / 127.5 - 1, [canonical_caption(e.objects) for e in examples]
+    x = to_tensor(np.stack([e.image for e in examples]))  # (n, 3, 64, 64)
+    return x, [canonical_caption(e.objects) for e in examples]
 
 
-def images_to_tensor(images) -> torch.Tensor:
-    """A list of pictures (PIL or arrays, 64x64) -> (B, 3, 64, 64) in [-1, 1]."""
-    arrs = [checks.check_image(im, name="image", size=(shapes.SIZE, shapes.SIZE)) for im in images]
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) * 2 - 1
+def _pictures(images, name: str) -> torch.Tensor:
+    """One 64x64 picture or a list of them -> (B, 3, 64, 64) in [-1, 1]."""
+    x = to_tensor(images, name=name)
+    if tuple(x.shape[-2:]) != (shapes.SIZE, shapes.SIZE):
+        checks.fail(name, f"picture of size {x.shape[-2]}x{x.shape[-1]}",
+                    f"expected size {shapes.SIZE}x{shapes.SIZE} (the image encoder's input)")
+    return x
 
 
 # ----------------------------------------------------------------------------- training
@@ -292,11 +299,7 @@ def embed_images(model: ToyUnCLIP, images) -> torch.Tensor:
 
     Introduced in notebooks/10_image_variations.ipynb.
     """
-    if isinstance(images, (np.ndarray,)) and images.ndim == 3:
-        images = [images]
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    return model.encoder(images_to_tensor(images))
+    return model.encoder(_pictures(images, "images"))
 
 
 @torch.no_grad()
@@ -327,22 +330,15 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
 
     Introduced in notebooks/10_image_variations.ipynb.
     """
-    from .pipeline import default_settings
-
-    d = default_settings(pipe)
-    steps = checks.check_steps(d["num_inference_steps"] if num_inference_steps is None
-                               else num_inference_steps)
-    scale = checks.check_guidance(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+    steps, scale = pipeline.resolve_settings(pipe, num_inference_steps, guidance_scale)
     level = checks.check_int("noise_level", noise_level, 0, MAX_NOISE_LEVEL)
-    if isinstance(seeds, (int, np.integer)):
-        seeds = [seeds]
-    seeds = [checks.check_seed(s, name="seeds") for s in seeds]
-    if not seeds:
-        checks.fail("seeds", seeds, "expected at least one seed")
-    emb = embed_images(model, image)  # (1, 128)
+    seeds = [seeds] if isinstance(seeds, (int, np.integer)) else checks.check_list("seeds", seeds)
+    generators = pipeline.make_generators(seeds)  # one CPU generator per seed
+    emb = model.encoder(_pictures(image, "image"))  # (1, 128)
+    if len(emb) != 1:
+        checks.fail("image", f"{len(emb)} pictures", "expected one picture")
     out = []
-    for s in seeds:
-        g = torch.Generator("cpu").manual_seed(s)
+    for g in generators:
         x = noise_augment(model, emb, level, generator=g)
         hidden = model.projector(x, torch.tensor([level])).to(pipe.device, pipe.unet.dtype)
         out.append(pipe(prompt_embeds=hidden, num_inference_steps=steps, guidance_scale=scale,
@@ -350,41 +346,33 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
     return out
 
 
-def keeps_content(images, caption: str) -> dict:
-    """How many pictures keep a caption's objects, by the shapes checker.
-
-    Returns ``colour_shape`` (share of the caption's objects found with the right colour
-    and shape, over all pictures) and ``all_attributes`` (share of pictures with every
-    object right, position included).
-
-    Introduced in notebooks/10_image_variations.ipynb.
-    """
-    objects = shapes.parse_caption(caption)
-    images = list(images)
-    if not images:
-        checks.fail("images", images, "expected at least one picture")
-    cs, allok = [], []
-    for im in images:
-        sc = shapes.check_image(np.asarray(im), objects)
-        cs += [s.colour_shape for s in sc]
-        allok.append(all(s.all_attributes for s in sc))
-    return {"colour_shape": float(np.mean(cs)), "all_attributes": float(np.mean(allok))}
-
-
 def check_info_nce_answer(fn) -> bool:
-    """Exercise of notebook 10: ``fn(image_embeds, text_embeds, logit_scale)`` must compute
-    CLIP's symmetric InfoNCE loss as ``info_nce`` does. Raises AssertionError with a hint.
+    """Exercise checker: ``fn(image_embeds, text_embeds, logit_scale)`` must compute CLIP's
+    symmetric InfoNCE loss as ``info_nce`` does, on random batches. Prints what is right or
+    wrong (with a hint); returns a bool.
 
     Introduced in notebooks/10_image_variations.ipynb.
     """
     if not callable(fn):
         checks.fail("fn", fn, "expected a function (image_embeds, text_embeds, logit_scale)")
+    hint = ("Hint: normalise both, logits = exp(logit_scale) * img @ txt.T, and average the "
+            "cross-entropies of the rows and of the columns.")
     g = torch.Generator().manual_seed(0)
     for b, d, s in ((4, 8, 0.0), (16, 128, float(np.log(1 / 0.07))), (7, 3, 2.0)):
         img, txt = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
         want = info_nce(img, txt, torch.tensor(s))
-        got = torch.as_tensor(fn(img, txt, torch.tensor(s)), dtype=torch.float32)
-        assert torch.allclose(got, want, atol=1e-5), (
-            f"B={b}, D={d}: expected {want.item():.5f}, got {got.item():.5f} (hint: normalise "
-            f"both, logits = exp(logit_scale) * img @ txt.T, average the two cross-entropies)")
+        try:
+            got = fn(img, txt, torch.tensor(s))
+        except Exception as e:  # a learner's bug is a wrong answer, not a crash of the checker
+            print(f"Your function raised {type(e).__name__}: {e}. {hint}")
+            return False
+        if got is None:
+            print(f"Not answered yet: your function returns None. {hint}")
+            return False
+        got = torch.as_tensor(got, dtype=torch.float32)
+        if got.numel() != 1 or not torch.allclose(got.reshape(()), want, atol=1e-5):
+            shown = f"{got.item():.5f}" if got.numel() == 1 else f"shape {tuple(got.shape)}"
+            print(f"Not yet: for B={b}, D={d} the loss is {want.item():.5f}, yours {shown}. {hint}")
+            return False
+    print("Right: that is CLIP's symmetric InfoNCE loss.")
     return True

@@ -1,11 +1,51 @@
-"""sdkit.bench: the CPU smoke test of the benchmark, its FLOP count and its results table."""
+"""sdkit.generation and sdkit.bench: weights, memory, FLOPs, the CPU smoke test of the benchmark
+and its results table. (Bad inputs: tests/test_bad_inputs.py.)"""
 
 import json
+import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from sdkit import bench, checks
+from sdkit import bench, generation, images, pipeline
+from sdkit.latents import unet_flops
+
+
+def _meta_unet(config):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**dict(config))
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def test_sd15_flops_per_guided_step():
+    # the figure the share-of-peak column rests on: 1.61 TFLOP for SD 1.5 at 512x512, CFG on
+    tflop = generation.unet_tflop_per_step(generation.SD15_UNET, 512, 512,
+                                           generation.SD15_VAE_SCALE_FACTOR)
+    assert generation.SD15_VAE_SCALE_FACTOR == 8
+    assert tflop == pytest.approx(1.61, abs=0.01)
+    # without guidance the batch halves, and so does the work
+    assert generation.unet_tflop_per_step(generation.SD15_UNET, 512, 512, 8, guidance=False) \
+        == pytest.approx(tflop / 2, rel=1e-9)
+
+
+def test_flops_are_counted_at_the_latent_size_of_the_vae(tiny_pipe):
+    # the tiny pipeline's VAE shrinks by 4 (like the toy's): 64 px -> 16 x 16 latents, the
+    # latents its pipeline really denoises. Counting at 64 / 8 = 8 x 8 was the old bug.
+    f = images.vae_scale_factor(tiny_pipe.vae)
+    seq_len = tiny_pipe.tokenizer.model_max_length
+    tflop = generation.unet_tflop_per_step(tiny_pipe.unet.config, 64, 64, f, seq_len=seq_len)
+    unet = _meta_unet(tiny_pipe.unet.config)
+    dim = tiny_pipe.unet.config.cross_attention_dim
+    assert f == 4
+    assert tflop == 2 * unet_flops(unet, (4, 16, 16), (seq_len, dim)) / 1e12
+    at_8x8 = generation.unet_tflop_per_step(tiny_pipe.unet.config, 64, 64, 8, seq_len=seq_len)
+    # 4x the latent pixels: convolutions 4x, self-attention more, the text projections the same
+    assert 3.5 < tflop / at_8x8 < 5.0
 
 
 def test_smoke_cli_prints_and_returns_figures(tmp_path, capsys):
@@ -17,12 +57,14 @@ def test_smoke_cli_prints_and_returns_figures(tmp_path, capsys):
     assert out["smoke"] is True
     results = {r["variant"]: r for r in out["results"]}
     assert set(results) == {"stock", "fast"}
+    # the smoke model: 64 px through a VAE of 4 blocks (factor 8) = 8 x 8 latents, 77 tokens
+    want = 2 * unet_flops(_meta_unet(bench.SMOKE_UNET), (4, 8, 8), (77, 32)) / 1e12
     for r in results.values():
         assert set(bench.RESULT_KEYS) <= set(r)
-        assert r["it_per_s"] > 0 and r["s_per_image"] > 0 and r["peak_memory_gb"] > 0
         assert (r["height"], r["width"], r["steps"]) == (64, 64, 2)
-        assert 0 < r["tflop_per_step"] < 1e-2  # the shrunken UNet
+        assert r["tflop_per_step"] == want
         assert r["share_of_peak"] is None  # no peak known for a CPU
+        assert r["s_per_image"] >= r["steps"] / r["it_per_s"] * 0.5  # an image takes its steps
     assert results["fast"]["settings"]["channels_last"] is True
     assert "Fused" in results["fast"]["settings"]["attention"]
     assert out["speedup"] == pytest.approx(results["fast"]["it_per_s"]
@@ -31,27 +73,49 @@ def test_smoke_cli_prints_and_returns_figures(tmp_path, capsys):
         assert out["environment"][key]
 
 
-def test_sd15_flops_per_guided_step():
-    # the figure the share-of-peak column rests on: 1.61 TFLOP for SD 1.5 at 512x512, CFG on
-    tflop = bench.unet_tflop_per_step(bench.SD15_UNET, 512, 512, guidance=True)
-    assert tflop == pytest.approx(1.61, abs=0.01)
-    # without guidance the batch halves, and so does the work
-    assert bench.unet_tflop_per_step(bench.SD15_UNET, 512, 512, guidance=False) == \
-        pytest.approx(tflop / 2, rel=1e-6)
+# ------------------------------------------------------------------------------ weights, memory
 
 
-def test_sd15_configs_are_sd15():
-    from diffusers import UNet2DConditionModel
+def test_sd15_parameter_counts_are_sd15s():
+    # the published sizes of stable-diffusion-v1-5's three parts
+    assert generation.sd15_parameter_counts() == {
+        "unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**bench.SD15_UNET)
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD 1.5's UNet
+
+def test_parameter_counts_are_the_shipped_files_tensors(toy_pipe):
+    """An independent count: the elements of every tensor in data/toy-sd/*/*.safetensors,
+    read from the files' headers."""
+    saved = {}
+    for f in sorted(pipeline.TOY_DIR.glob("*/*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            saved[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    assert set(saved) == {"unet", "vae", "text_encoder"}
+    assert generation.parameter_counts(toy_pipe) == saved
+
+
+def test_fp16_bytes_checker(tiny_pipe, capsys):
+    counts = generation.parameter_counts(tiny_pipe)
+    assert set(counts) == {"unet", "vae", "text_encoder"}
+    n = counts["unet"]
+    assert generation.check_fp16_bytes(tiny_pipe, 2 * n) is True
+    assert "Right" in capsys.readouterr().out
+    for wrong, hint in ((4 * n, "float32"), (n, "number of weights"), (None, "Not answered"),
+                        ("2 bytes", "expected an int")):
+        assert generation.check_fp16_bytes(tiny_pipe, wrong) is False
+        assert hint in capsys.readouterr().out
+    assert generation.check_fp16_bytes(tiny_pipe, 2 * counts["vae"], part="vae")
+
+
+def test_peak_memory_counts_bytes():
+    before = generation.peak_memory_bytes("cpu")
+    big = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    assert generation.peak_memory_bytes("cpu") >= max(before, big.numel() * 4)
 
 
 def test_fast_settings_keep_the_unet_output():
     stock = bench.build_pipeline(smoke=True)
     fast = bench.build_pipeline(smoke=True)
-    applied = bench.apply_fast_settings(fast, compile=False)
+    applied = generation.apply_fast_settings(fast, compile=False)
     assert applied["compile"] is False
     g = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=g)
@@ -65,11 +129,7 @@ def test_fast_settings_keep_the_unet_output():
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
-def test_full_benchmark_needs_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(checks.SdkitInputError, match="--smoke"):
-        bench.run(smoke=False, device="cpu")
+# ------------------------------------------------------------------------------ the results table
 
 
 def _fake(variant, it_s, device="NVIDIA H100 80GB HBM3"):
@@ -85,18 +145,15 @@ def test_write_results_appends_and_replaces(tmp_path):
     doc = tmp_path / "benchmarks.md"
     table = "| date | ... |\n|---|"
     doc.write_text(f"# B\n\n{bench.RESULTS_START}\n{table}\n{bench.RESULTS_END}\nend\n")
-    bench.write_results(_fake("fast", 100.0), doc)
-    bench.write_results(_fake("stock", 50.0), doc)
+    bench._write_results(_fake("fast", 100.0), doc)
+    bench._write_results(_fake("stock", 50.0), doc)
     text = doc.read_text()
     assert "| 100.00 |" in text and "| 50.00 |" in text and text.endswith("end\n")
-    bench.write_results(_fake("fast", 130.0), doc)  # same GPU, versions and variant: replaced
+    bench._write_results(_fake("fast", 130.0), doc)  # same GPU, versions and variant: replaced
     text = doc.read_text()
     assert "| 130.00 |" in text and "| 100.00 |" not in text and "| 50.00 |" in text
-    bench.write_results(_fake("fast", 90.0, device="NVIDIA A100-SXM4-80GB"), doc)
+    bench._write_results(_fake("fast", 90.0, device="NVIDIA A100-SXM4-80GB"), doc)
     assert doc.read_text().count("| fast |") == 2
-    with pytest.raises(checks.SdkitInputError, match="markers"):
-        (tmp_path / "plain.md").write_text("no table")
-        bench.write_results(_fake("fast", 1.0), tmp_path / "plain.md")
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -104,4 +161,4 @@ def test_write_results_appends_and_replaces(tmp_path):
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0),
     ("NVIDIA L40", None), ("NVIDIA GeForce RTX 3060", None)])
 def test_peak_lookup_by_gpu_name(name, peak):
-    assert bench.peak_tflops_for(name) == peak
+    assert bench._peak_tflops_for(name) == peak

@@ -13,9 +13,9 @@ with -s to see them; they are also attached to the test report).
 Needs Chromium: `apt-get install chromium` (Debian/Ubuntu; .ci/run installs it). Without it
 the test is skipped with that message. Playwright's own browser downloads are not used.
 
-Network: JupyterLab runs with sdkit.offline's guard, kernels inherit it (tests/conftest.py),
-and Chromium resolves no host names and sends anything outside loopback to a dead proxy;
-the test also asserts that the page requested nothing outside 127.0.0.1.
+Network: JupyterLab runs with tests/offline_guard.py's guard, kernels inherit it
+(tests/conftest.py), and Chromium resolves no host names and sends anything outside loopback
+to a dead proxy; the test also asserts that the page requested nothing outside 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class Lab:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(value), encoding="utf-8")
         # the server itself runs with the socket guard too
-        launcher = ("import sys, sdkit.offline; sdkit.offline.block_network(); "
+        launcher = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                    "import offline_guard; offline_guard.block_network(); "
                     "from jupyterlab.labapp import main; sys.exit(main())")
         cmd = [sys.executable, "-c", launcher,
                "--no-browser", "--ip=127.0.0.1", f"--port={self.port}", "--port-retries=0",

@@ -17,11 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
+import offline_guard as offline  # tests/offline_guard.py (conftest puts tests/ on sys.path)
 import pytest
 from nbclient import NotebookClient
-
-from sdkit import offline
-from sdkit.offline import NetworkBlockedError
+from offline_guard import NetworkBlockedError
 
 PUBLIC = ("93.184.216.34", 80)  # example.com's old address; never contacted
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +68,7 @@ def test_public_address_is_refused_at_once(tripwired, attempt):
         attempt()
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, f"refusal took {elapsed:.2f} s; it must not wait for a timeout"
-    assert "blocked by sdkit.offline" in str(info.value)
+    assert "blocked by tests/offline_guard.py" in str(info.value)
     assert isinstance(info.value, ConnectionError)  # what an offline machine would raise
     assert len(offline.blocked_attempts()) == before + 1
 
@@ -142,7 +141,7 @@ def test_allow_and_block_restore_the_socket_module():
 
 KERNEL_CELL = """\
 import os, socket, sys, time
-import sdkit.offline as offline
+import offline_guard as offline  # on sys.path from the kernel's startup file
 
 def tripwire(*args, **kwargs):
     raise AssertionError("the kernel's guard let a public connection through")

@@ -18,16 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdkit import toy
+from sdkit.pipeline import TOY_DIR
 
 PROMPT = "a blue square at the top and a green triangle at the bottom"
 SEED = 1234
 
-WORKER = """
+TESTS_DIR = Path(__file__).resolve().parent
+WORKER = f"""
 import hashlib, sys
 import numpy as np
-import sdkit.offline
-sdkit.offline.block_network()
+sys.path.insert(0, {str(TESTS_DIR)!r})
+import offline_guard
+offline_guard.block_network()
 from sdkit.pipeline import generate, load_pipeline
 pipe = load_pipeline("toy", device="cpu", dtype="float32")
 pipe.set_progress_bar_config(disable=True)
@@ -51,7 +53,7 @@ def fresh_pipe(toy_pipe):
     """A pipeline loaded now (after the model-file fingerprint), for the cross-process test."""
     from sdkit.pipeline import load_pipeline
 
-    before = _fingerprint(toy.TOY_DIR)
+    before = _fingerprint(TOY_DIR)
     pipe = load_pipeline("toy", device="cpu", dtype="float32")
     pipe.set_progress_bar_config(disable=True)
     return pipe, before
@@ -93,8 +95,8 @@ def test_same_seed_same_image_in_a_fresh_process(fresh_pipe):
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("SHA256"))
     there = line.split()[1]
-    assert _fingerprint(toy.TOY_DIR) == before, (
-        "data/toy-sd was rewritten during this test (is `python -m sdkit.toy train` running?); "
-        "run it again when training has finished")
+    assert _fingerprint(TOY_DIR) == before, (
+        "data/toy-sd was rewritten during this test (is `python -m sdkit.training train` "
+        "running?); run it again when training has finished")
     assert "(64, 64, 3) uint8" in line
     assert there == here, f"in-process {here} != fresh process {there}"

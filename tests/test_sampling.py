@@ -1,47 +1,23 @@
-"""sdkit.sampling: the hand-written denoising loop equals diffusers' pipeline, and its records
-(predicted x_0, guidance) equal the library's own computations. Uses a tiny random pipeline
-with the toy model's tokenizer and sampler, so it needs no trained weights."""
+"""sdkit.sampling and sdkit.sampling_views: the hand-written denoising loop equals diffusers'
+pipeline, and its records (predicted x_0, guidance) equal the library's own computations. Uses
+the tiny random pipeline of tests/conftest.py (the toy's tokenizer and sampler, 64 px, 16 x 16
+latents), so it needs no trained weights. (Bad inputs: tests/test_bad_inputs.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
-from sdkit import sampling, toy
-from sdkit.checks import SdkitInputError
+from sdkit import images, sampling, sampling_views
 
 PROMPT = "a red circle on the left"
 
 
-def tiny_pipeline(tmp_dir):
-    """A StableDiffusionPipeline of the toy model's kind, with tiny random weights (16 px)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tok = toy.write_tokenizer(tmp_dir)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                        norm_num_groups=8, sample_size=16, layers_per_block=1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=tok.model_max_length,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, norm_num_groups=8)
-    pipe = toy.build_pipeline(vae, text_encoder, tok, unet)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def pipeline_output(pipe, prompt, generator, steps, scale, output_type, **kw):
@@ -106,7 +82,7 @@ def test_guidance_one_matches_pipeline_without_cfg_up_to_rounding(pipe):
 def test_trajectory_shapes_and_fields(pipe):
     traj = sampling.sample(pipe, [PROMPT, "a yellow triangle at the bottom"], [0, 1], 5, 2.5,
                            scheduler="DDIM")
-    s, b, lat = 5, 2, (4, 8, 8)
+    s, b, lat = 5, 2, (4, 16, 16)
     assert traj.timesteps.shape == (s,)
     assert traj.latents.shape == (s + 1, b, *lat)
     for name in ("pred_x0", "noise_pred_cond", "noise_pred_uncond"):
@@ -117,8 +93,10 @@ def test_trajectory_shapes_and_fields(pipe):
     assert (traj.scheduler, traj.prediction_type, traj.num_inference_steps) == (
         "DDIM", "v_prediction", 5)
     assert traj.batch_size == 2 and traj.prompt == PROMPT and traj.seed == 0
-    # the starting latents are the seeded noise times init_noise_sigma (1 for DDIM)
-    noise = sampling.initial_latents(pipe, [0, 1], 2)
+    # the starting latents are the seeded noise, one CPU generator per seed, times
+    # init_noise_sigma (1 for DDIM)
+    noise = torch.cat([torch.randn((1, *lat), generator=torch.Generator("cpu").manual_seed(s))
+                       for s in (0, 1)])
     assert torch.equal(traj.latents[0], noise)
     # timesteps run downwards; the noise level falls
     assert (traj.timesteps[1:] < traj.timesteps[:-1]).all()
@@ -132,27 +110,21 @@ def test_trajectory_shapes_and_fields(pipe):
 
 def test_images_previews_and_decoding(pipe):
     traj = sampling.sample(pipe, PROMPT, 0, 3, 4.0)
-    assert len(traj.images()) == 1 and traj.image.size == (16, 16)
+    assert len(traj.images()) == 1 and traj.image.size == (64, 64)
     x0 = traj.pred_x0_images()
     xt = traj.latent_images()
     prev = traj.preview("pred_x0", size=32)
     assert len(x0) == 3 and len(xt) == 4 and len(prev) == 3
-    assert prev[0].size == (32, 32) and x0[0].size == (16, 16)
+    assert prev[0].size == (32, 32) and x0[0].size == (64, 64)
     # the last x_t image is the final image (same latents, same decoder)
     assert np.array_equal(np.asarray(xt[-1]), np.asarray(traj.image))
     assert traj.pred_x0_images() is x0  # memoized
 
 
-def _ddim(prediction_type):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(toy.make_scheduler().config, prediction_type=prediction_type,
-                                     rescale_betas_zero_snr=prediction_type == "v_prediction")
-
-
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
-def test_predicted_x0_formula_equals_ddim_pred_original_sample(prediction_type):
-    sched = _ddim(prediction_type)
+def test_predicted_x0_formula_equals_ddim_pred_original_sample(pipe, prediction_type):
+    sched = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type,
+                                      rescale_betas_zero_snr=prediction_type == "v_prediction")
     sched.set_timesteps(10)
     g = torch.Generator().manual_seed(0)
     for t in sched.timesteps[1:]:  # t = 999 has alpha = 0 on the zero-SNR schedule
@@ -191,7 +163,32 @@ def test_recorded_pred_x0_equals_euler_own(pipe):
         assert torch.allclose(traj.pred_x0[i], out.pred_original_sample, atol=1e-4, rtol=1e-4)
 
 
-# ------------------------------------------------------------------ guidance and replay
+# ------------------------------------------------------------------ the linear latent -> RGB map
+
+
+def test_fit_latent_rgb_map_recovers_a_known_linear_map():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, 8, 8, generator=g)
+    true = torch.randn(5, 3, generator=g) * 0.2  # 4 channels + bias -> RGB
+    rgb = torch.einsum("bchw,cd->bdhw", z, true[:4]) + true[4].reshape(1, 3, 1, 1)
+    pictures = rgb.repeat_interleave(4, 2).repeat_interleave(4, 3)  # each latent pixel 4 x 4
+    weights = sampling.fit_latent_rgb_map(z, pictures)
+    assert weights.shape == (5, 3)
+    assert torch.allclose(weights, true, atol=1e-5)
+    # the preview applies the map (then clips to [-1, 1]) and enlarges
+    assert torch.allclose(sampling.latents_to_rgb_preview(z, true), rgb.clamp(-1, 1), atol=1e-6)
+    assert sampling.latents_to_rgb_preview(z, true, upsample=4).shape == (3, 3, 32, 32)
+
+
+def test_preview_of_the_final_latents_approximates_the_final_image(pipe):
+    traj = sampling.sample(pipe, PROMPT, 0, 3, 4.0)
+    final = images.to_tensor(traj.images())  # (1, 3, 64, 64)
+    preview = images.to_tensor(traj.preview("latents", size=64)[-1:])
+    baseline = final.mean((2, 3), keepdim=True).expand_as(final)  # the average colour
+    assert images.psnr(preview, final) > images.psnr(baseline, final)
+
+
+# ------------------------------------------------------------------ guidance
 
 
 def test_combine_identities():
@@ -204,54 +201,15 @@ def test_combine_identities():
                           atol=1e-5)
 
 
-def test_replay_same_scale_is_exact_and_first_step_exact_for_new_scale(pipe):
-    traj = sampling.sample(pipe, PROMPT, 4, 5, 3.0)
-    same = sampling.replay(traj, 3.0)
-    assert torch.equal(same.latents, traj.latents)
-    assert torch.equal(same.pred_x0, traj.pred_x0)
-    new = sampling.sample(pipe, PROMPT, 4, 5, 8.0)
-    approx = sampling.replay(traj, 8.0)
-    assert approx.scheduler.endswith("(replayed)") and approx.guidance_scale == 8.0
-    # step 0 uses x_T, which does not depend on s: exact
-    assert torch.allclose(approx.latents[1], new.latents[1], atol=1e-5)
-    assert torch.allclose(approx.pred_x0[0], new.pred_x0[0], atol=1e-5)
-    # later steps are only approximate
-    assert not torch.allclose(approx.latents[-1], new.latents[-1], atol=1e-4)
-
-
-def test_replay_ddpm_reuses_the_same_step_noise(pipe):
-    traj = sampling.sample(pipe, PROMPT, 9, 4, 3.0, scheduler="DDPM")
-    assert torch.equal(sampling.replay(traj, 3.0).latents, traj.latents)
-
-
 # ------------------------------------------------------------------ checks
 
 
-def test_make_scheduler_names_and_bad_name(pipe):
+def test_make_scheduler_names(pipe):
     for name in sampling.SCHEDULER_NAMES:
         s = sampling.make_scheduler(name, pipe)
         assert s.config.prediction_type == "v_prediction"
         assert torch.equal(s.alphas_cumprod[:-1], pipe.scheduler.alphas_cumprod[:-1])
         assert sampling.scheduler_name(s) == name
-    with pytest.raises(SdkitInputError, match=r"name='dpm'.*DPM-Solver\+\+"):
-        sampling.make_scheduler("dpm", pipe)
-
-
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(num_inference_steps=0), "num_inference_steps"),
-    (dict(guidance_scale=-1.0), "guidance_scale"),
-    (dict(seed=-3), "seed"),
-    (dict(seed=[1, 2]), "seed"),
-    (dict(prompt="a purple star"), "prompt"),
-    (dict(prompt=""), "prompt"),
-    (dict(scheduler="PNDM"), "name"),
-    (dict(negative_prompt=["a", "b"]), "negative_prompt"),
-    (dict(height=15), "height"),
-])
-def test_sample_rejects_bad_inputs(pipe, kwargs, name):
-    args = dict(prompt=PROMPT, seed=0, num_inference_steps=2, guidance_scale=3.0) | kwargs
-    with pytest.raises(SdkitInputError, match=f"{name}="):
-        sampling.sample(pipe, **args)
 
 
 def test_exercise_checker(pipe, capsys):
@@ -259,10 +217,14 @@ def test_exercise_checker(pipe, capsys):
     step = 2
     a = traj.alphas_cumprod[step]
     x_t, v = traj.latents[step, 0], traj.noise_pred()[step, 0]
-    assert sampling.check_pred_x0_exercise(a.sqrt() * x_t - (1 - a).sqrt() * v, traj, step)
-    assert not sampling.check_pred_x0_exercise(None, traj, step)
+    assert sampling_views.check_pred_x0_exercise(a.sqrt() * x_t - (1 - a).sqrt() * v, traj, step)
+    assert not sampling_views.check_pred_x0_exercise(None, traj, step)
     wrong = (1 - a).sqrt() * x_t - a.sqrt() * v
-    assert not sampling.check_pred_x0_exercise(wrong, traj, step)
+    assert not sampling_views.check_pred_x0_exercise(wrong, traj, step)
     cond_only = a.sqrt() * x_t - (1 - a).sqrt() * traj.noise_pred_cond[step, 0]
-    assert not sampling.check_pred_x0_exercise(cond_only, traj, step)
+    assert not sampling_views.check_pred_x0_exercise(cond_only, traj, step)
     assert "conditional" in capsys.readouterr().out
+    # answers that cannot be right are printed and refused, never raised
+    assert not sampling_views.check_pred_x0_exercise(x_t.numpy(), traj, step)
+    assert not sampling_views.check_pred_x0_exercise(x_t[None], traj, step)
+    assert "Expected" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """sdkit.variations: the toy unCLIP parts (encoder, projector, noise augmentation, variations).
 
-A tiny random pipeline stands in for the toy model where only shapes and determinism are
-tested; the last test measures quality on the trained toy model and is skipped without it.
+A tiny random pipeline (conftest's ``tiny_pipe``) stands in for the toy model where only
+shapes and determinism are tested; the last test measures quality on the trained toy model and
+is skipped without it. Bad inputs are in tests/test_bad_inputs.py's table.
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from sdkit import shapes, toy, variations
-from sdkit.checks import SdkitInputError
+from sdkit import pipeline, shapes, variations
 
 SMALL = dict(n_images=64, encoder_steps=3, projector_steps=3, batch=16, progress=False)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    from test_editing import tiny_pipeline  # the same tiny random pipeline as the editing tests
-
-    return tiny_pipeline(tmp_path_factory)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def test_encoder_and_projector_shapes():
@@ -56,7 +55,7 @@ def test_embeddings_shape_and_determinism(pipe):
     e1, e2 = variations.embed_images(model, images), variations.embed_images(model, images)
     assert e1.shape == (3, variations.EMBED_DIM) and torch.equal(e1, e2)
     pooled, hidden = variations.text_features(pipe, ["a red circle on the left"])
-    assert pooled.shape == (1, 32) and hidden.shape == (1, toy.MAX_LENGTH, 32)
+    assert pooled.shape == (1, 32) and hidden.shape == (1, pipeline.MAX_LENGTH, 32)
 
 
 def test_info_nce_values():
@@ -76,7 +75,7 @@ def test_noise_augment_is_the_ddpm_formula_between_the_normalisation(pipe):
     model = variations.fit(pipe, seed=1, **SMALL)
     e = variations.embed_images(model, [shapes.make_example(0).image])
     noise = torch.randn(1, variations.EMBED_DIM, generator=torch.Generator().manual_seed(3))
-    ac = variations.image_noising_scheduler().alphas_cumprod
+    ac = variations._image_noising_scheduler().alphas_cumprod
     mu, sd = model.embeds_mean, model.embeds_std
     for level in (0, 300, 999):
         got = variations.noise_augment(model, e, level, noise=noise)
@@ -104,49 +103,41 @@ def test_variations_count_size_and_determinism(pipe):
     assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
 
 
-def test_keeps_content_of_the_drawn_pictures_themselves():
-    exs = [shapes.make_example(i) for i in range(5)]
-    for e in exs:
-        assert variations.keeps_content([e.image], e.caption) == {"colour_shape": 1.0,
-                                                                  "all_attributes": 1.0}
-
-
-@pytest.mark.parametrize("call,name", [
-    (lambda p, m: variations.variations(p, m, shapes.make_example(0).image, [0], noise_level=1000),
-     "noise_level"),
-    (lambda p, m: variations.variations(p, m, shapes.make_example(0).image, [0], noise_level=-1),
-     "noise_level"),
-    (lambda p, m: variations.variations(p, m, shapes.make_example(0).image, []), "seeds"),
-    (lambda p, m: variations.variations(p, m, shapes.make_example(0).image, [-2]), "seeds"),
-    (lambda p, m: variations.variations(p, m, np.zeros((32, 32, 3), np.uint8), [0]), "image"),
-    (lambda p, m: variations.variations(p, m, shapes.make_example(0).image, [0],
-                                        num_inference_steps=0), "num_inference_steps"),
-    (lambda p, m: variations.fit(p, n_images=0), "n_images"),
-    (lambda p, m: variations.fit(p, seed=-1), "seed"),
-    (lambda p, m: variations.noise_augment(m, torch.zeros(2, 128), torch.tensor([0, 1000])),
-     "noise_level"),
-    (lambda p, m: variations.info_nce(torch.zeros(3, 8), torch.zeros(4, 8), 1.0), "text_embeds"),
-])
-def test_bad_inputs_name_the_parameter(pipe, call, name):
+def test_embedding_a_picture_equals_embedding_its_tensor(pipe):
+    """PIL, uint8 and a one-picture list give the same embedding (through images.to_tensor)."""
     model = variations.fit(pipe, seed=1, **SMALL)
-    with pytest.raises(SdkitInputError, match=f"^{name}="):
-        call(pipe, model)
+    im = shapes.make_example(7).image
+    e = variations.embed_images(model, im)
+    assert e.shape == (1, variations.EMBED_DIM)
+    assert torch.equal(e, variations.embed_images(model, Image.fromarray(im)))
+    assert torch.equal(e, variations.embed_images(model, [im]))
 
 
-def test_exercise_checker():
-    assert variations.check_info_nce_answer(variations.info_nce)
-
-    def one_way(img, txt, s):
-        img, txt = (torch.nn.functional.normalize(v, dim=-1) for v in (img, txt))
-        logits = s.exp() * img @ txt.T
-        return torch.nn.functional.cross_entropy(logits, torch.arange(len(img)))
-
-    with pytest.raises(AssertionError):
-        variations.check_info_nce_answer(one_way)
+def _one_way(img, txt, s):
+    img, txt = (torch.nn.functional.normalize(v, dim=-1) for v in (img, txt))
+    logits = s.exp() * img @ txt.T
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(img)))
 
 
-needs_toy = pytest.mark.skipif(not (toy.TOY_DIR / "model_index.json").exists(),
-                               reason="no toy model yet (python -m sdkit.toy train)")
+def test_exercise_checker_accepts_the_right_answer(capsys):
+    assert variations.check_info_nce_answer(variations.info_nce) is True
+    assert "Right" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, said", [
+    (_one_way, "Not yet"),  # one direction only: not symmetric
+    (lambda img, txt, s: None, "Not answered yet"),
+    (lambda img, txt, s: img @ txt.T, "shape"),  # the logits, not the loss
+    (lambda img, txt, s: img.nope, "raised AttributeError"),
+])
+def test_exercise_checker_says_what_is_wrong_and_never_raises(fn, said, capsys):
+    assert variations.check_info_nce_answer(fn) is False
+    out = capsys.readouterr().out
+    assert said in out and "Hint" in out
+
+
+needs_toy = pytest.mark.skipif(not (pipeline.TOY_DIR / "model_index.json").exists(),
+                               reason="no toy model yet (python -m sdkit.training train)")
 RETRIEVAL_MIN_KINDS = 0.85  # measured on the final toy model: 0.94 (notebooks/10)
 
 

@@ -1,15 +1,19 @@
 """sdkit.widgets: the guidance panel reacts to its widgets, redraws from its cache without
-calling the UNet, shows errors and keeps working. Uses the tiny random pipeline of
-tests/test_sampling.py (no trained weights needed)."""
+calling the UNet, checks each input once per update, and ``replay`` (its preview) is exact at
+step 0 only. Uses conftest's tiny random pipeline (``tiny_pipe``); the panel's bad arguments
+and its error line are in tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import pytest
 import torch
-from test_sampling import tiny_pipeline  # tests/ is on sys.path under pytest (no __init__.py)
+from PIL import Image
 
-from sdkit import sampling, widgets
-from sdkit.checks import SdkitInputError
+from sdkit import checks, sampling, widgets
+
+PROMPT = "a red circle on the left"
 
 
 class UNetCalls:
@@ -24,8 +28,8 @@ class UNetCalls:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture
@@ -37,8 +41,8 @@ def calls(pipe):
 
 @pytest.fixture
 def panel(pipe):
-    return widgets.GuidancePanel(pipe, prompt="a red circle on the left", seed=1,
-                                 num_inference_steps=3, guidance_scale=4.0)
+    return widgets.GuidancePanel(pipe, prompt=PROMPT, seed=1, num_inference_steps=3,
+                                 guidance_scale=4.0)
 
 
 def test_panel_starts_with_an_exact_image_and_css_classes(panel):
@@ -62,7 +66,7 @@ def test_guidance_slider_changes_the_image_exactly(panel, pipe):
     panel.guidance_slider.value = 9.0  # fires the observer, as a slider release does
     assert panel.status_mode == "exact"
     assert panel.image_bytes() != before
-    want = sampling.sample(pipe, "a red circle on the left", 1, 3, 9.0)
+    want = sampling.sample(pipe, PROMPT, 1, 3, 9.0)
     assert torch.equal(panel.trajectory.latents, want.latents)
     assert set(panel.timings) == {"preview_s", "exact_s"}
 
@@ -86,8 +90,8 @@ def test_cache_hit_redraws_without_the_unet(panel, calls):
 
 
 def test_approximate_preview_without_exact_calls_no_unet(pipe, calls):
-    p = widgets.GuidancePanel(pipe, prompt="a red circle on the left", seed=2,
-                              num_inference_steps=3, guidance_scale=4.0, exact=False)
+    p = widgets.GuidancePanel(pipe, prompt=PROMPT, seed=2, num_inference_steps=3,
+                              guidance_scale=4.0, exact=False)
     n0 = calls.n
     before = p.image_bytes()
     p.guidance_slider.value = 8.0
@@ -95,21 +99,33 @@ def test_approximate_preview_without_exact_calls_no_unet(pipe, calls):
     assert p.status_mode == "approximate preview"
     assert "approximate preview" in p.status.value
     assert p.image_bytes() != before
-    exact = sampling.sample(pipe, "a red circle on the left", 2, 3, 8.0)
+    exact = sampling.sample(pipe, PROMPT, 2, 3, 8.0)
     # exact at step 0 only
     assert torch.allclose(p.trajectory.latents[1], exact.latents[1], atol=1e-5)
 
 
-def test_callback_error_is_shown_and_panel_keeps_working(panel):
-    before = panel.image_bytes()
-    panel.prompt_box.value = "a purple star"  # the toy tokenizer has no token for these
-    assert panel.status_mode == "error"
-    assert "SdkitInputError" in panel.error.value and "purple" in panel.error.value
-    assert panel.image_bytes() == before  # the last good image stays
-    panel.prompt_box.value = "a blue square at the top"
-    assert panel.status_mode == "exact"
-    assert panel.error.value == ""
-    assert panel.image_bytes() != before
+def test_a_seen_prompt_is_neither_encoded_nor_checked_again(panel, pipe, monkeypatch):
+    """A new seed with the prompt already seen: the cached text embeddings are used and the
+    prompt is checked once (by sampling.sample), not by the panel as well."""
+    seen = []
+    real_check = checks.check_prompt
+    monkeypatch.setattr(checks, "check_prompt", lambda p, *a, **k: seen.append(p) or
+                        real_check(p, *a, **k))
+    encoder = UNetCalls(pipe.text_encoder)
+    try:
+        panel.seed_box.value = 5
+    finally:
+        encoder.handle.remove()
+    assert panel.status_mode == "exact" and panel.trajectory.seed == 5
+    assert encoder.n == 0
+    assert seen == [PROMPT]
+
+
+def test_seed_range_is_the_kits(pipe):
+    p = widgets.GuidancePanel(pipe, prompt=PROMPT, seed=checks.SEED_MAX, num_inference_steps=2,
+                              strip="preview")
+    assert p.seed_box.max == checks.SEED_MAX and p.trajectory.seed == checks.SEED_MAX
+    assert p.settings()["seed"] == checks.SEED_MAX  # the box did not clamp it
 
 
 def test_negative_prompt_and_scheduler_change(panel, pipe):
@@ -117,39 +133,62 @@ def test_negative_prompt_and_scheduler_change(panel, pipe):
     assert panel.trajectory.negative_prompts == ["a green triangle"]
     panel.scheduler_dropdown.value = "DDIM"
     assert panel.trajectory.scheduler == "DDIM"
-    want = sampling.sample(pipe, "a red circle on the left", 1, 3, 4.0, scheduler="DDIM",
+    want = sampling.sample(pipe, PROMPT, 1, 3, 4.0, scheduler="DDIM",
                            negative_prompt="a green triangle")
     assert torch.equal(panel.trajectory.latents, want.latents)
 
 
-def test_strip_shows_each_step(pipe):
-    p = widgets.GuidancePanel(pipe, prompt="a red circle on the left", num_inference_steps=4,
-                              strip="preview")
-    from io import BytesIO
-
-    from PIL import Image
-
+@pytest.mark.parametrize("steps, thumbs", [(4, 4), (12, 10)])
+def test_strip_shows_each_step_up_to_ten(pipe, steps, thumbs):
+    p = widgets.GuidancePanel(pipe, prompt=PROMPT, num_inference_steps=steps, strip="preview")
     strip = Image.open(BytesIO(bytes(p.strip.value)))
-    assert strip.size == (4 * 64 + 3 * 2, 64)
-    assert widgets.strip_steps(4) == [0, 1, 2, 3]
-    assert widgets.strip_steps(50) == sorted(set(widgets.strip_steps(50)))
-    assert widgets.strip_steps(50)[0] == 0 and widgets.strip_steps(50)[-1] == 49
-    assert len(widgets.strip_steps(50)) == 10
+    assert strip.size == (thumbs * 64 + (thumbs - 1) * 2, 64)
+    first, last = (p.trajectory.preview("pred_x0")[i].resize((64, 64), Image.Resampling.NEAREST)
+                   for i in (0, steps - 1))
+    assert strip.crop((0, 0, 64, 64)).tobytes() == first.tobytes()  # the first step ...
+    assert strip.crop((strip.size[0] - 64, 0, strip.size[0], 64)).tobytes() == last.tobytes()
 
 
-def test_panel_rejects_bad_arguments(pipe):
-    with pytest.raises(SdkitInputError, match="scheduler="):
-        widgets.GuidancePanel(pipe, scheduler="PNDM")
-    with pytest.raises(SdkitInputError, match="prompt="):
-        widgets.GuidancePanel(pipe, prompt="a purple star")
-    with pytest.raises(SdkitInputError, match="strip="):
-        widgets.GuidancePanel(pipe, strip="gif")
+def test_replay_same_scale_is_exact_and_first_step_exact_for_new_scale(pipe):
+    traj = sampling.sample(pipe, PROMPT, 4, 5, 3.0)
+    same = widgets.replay(traj, 3.0)
+    assert torch.equal(same.latents, traj.latents)
+    assert torch.equal(same.pred_x0, traj.pred_x0)
+    new = sampling.sample(pipe, PROMPT, 4, 5, 8.0)
+    approx = widgets.replay(traj, 8.0)
+    assert approx.scheduler.endswith("(replayed)") and approx.guidance_scale == 8.0
+    # step 0 uses x_T, which does not depend on s: exact
+    assert torch.allclose(approx.latents[1], new.latents[1], atol=1e-5)
+    assert torch.allclose(approx.pred_x0[0], new.pred_x0[0], atol=1e-5)
+    # later steps are only approximate
+    assert not torch.allclose(approx.latents[-1], new.latents[-1], atol=1e-4)
 
 
-def test_combine_checker():
+def test_replay_ddpm_reuses_the_same_step_noise(pipe):
+    traj = sampling.sample(pipe, PROMPT, 9, 4, 3.0, scheduler="DDPM")
+    assert torch.equal(widgets.replay(traj, 3.0).latents, traj.latents)
+
+
+def test_guidance_sweep_matches_sample_and_plots(pipe):
+    sweep = widgets.guidance_sweep(pipe, [PROMPT, "a blue square at the top"], [1, 2],
+                                   scales=(0, 4), num_inference_steps=2)
+    assert list(sweep) == [0, 4] and all(len(v) == 2 for v in sweep.values())
+    want = sampling.sample(pipe, [PROMPT, "a blue square at the top"], [1, 2], 2, 4).images()
+    assert [im.tobytes() for im in sweep[4]] == [im.tobytes() for im in want]
+    assert sweep[0][0].tobytes() != sweep[4][0].tobytes()
+    fig = widgets.plot_sweep(sweep, row_labels=["one", "two"])
+    assert [ax.get_title() for ax in fig.axes[:1]] == ["s = 0"] and len(fig.axes) == 4
+
+
+def test_combine_checker(capsys):
     assert widgets.check_combine_exercise(lambda u, c, s: u + s * (c - u))
     assert widgets.check_combine_exercise(lambda u, c, s: (1 - s) * u + s * c)
+    assert widgets.check_combine_exercise(lambda u, c, s: (u + s * (c - u)).double())
+    capsys.readouterr()
     assert not widgets.check_combine_exercise(lambda u, c, s: c + s * (c - u))
+    assert "s = 0" in capsys.readouterr().out
     assert not widgets.check_combine_exercise(lambda u, c, s: u + s * (u - c))
-    assert not widgets.check_combine_exercise(None)
-    assert not widgets.check_combine_exercise(lambda u, c, s: 1 / 0)
+    # a wrong answer of any kind: a message and False, never an exception
+    for wrong in (None, 42, "u + s * (c - u)", lambda u, c, s: 1 / 0, lambda u, c, s: 0.0):
+        assert widgets.check_combine_exercise(wrong) is False
+        assert capsys.readouterr().out

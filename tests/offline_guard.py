@@ -1,4 +1,4 @@
-"""A socket guard: refuse every network connection that leaves this machine.
+"""A socket guard for the tests: refuse every network connection that leaves this machine.
 
 The kit must run in a classroom with no internet (or a slow one), so its tests run with the
 network blocked by construction, not by hope. ``block_network()`` patches Python's socket
@@ -13,6 +13,10 @@ machine without a network gives, so libraries that handle "offline" (huggingface
 urllib3) behave as they would in a classroom without Wi-Fi. Every refused attempt is also
 recorded (``blocked_attempts()``, and appended to the file named by ``SDKIT_NETWORK_LOG``
 when that variable is set) so a test run can show what tried to go out.
+
+Test-only code (no notebook uses it): tests/conftest.py imports it as ``offline_guard``, and
+the IPython startup file conftest writes for the test kernels imports it from tests/ by
+absolute path.
 
 Left out: connections made by C libraries that bypass Python's socket module (libzmq, curl,
 a browser); the browser test restricts Chromium with its own flags.
@@ -33,10 +37,7 @@ _attempts: list[str] = []
 
 
 class NetworkBlockedError(ConnectionError):
-    """Raised for a connection to a non-loopback address while the guard is on.
-
-    Used by tests/conftest.py and the test kernels; no notebook introduces it.
-    """
+    """Raised for a connection to a non-loopback address while the guard is on."""
 
 
 def _is_local_host(host) -> bool:
@@ -64,7 +65,7 @@ def _is_local_host(host) -> bool:
 
 def _refuse(what: str, target) -> None:
     message = (
-        f"network access blocked by sdkit.offline: {what} {target!r} is outside loopback "
+        f"network access blocked by tests/offline_guard.py: {what} {target!r} is outside loopback "
         "(the kit and its tests must run without internet; allowed: 127.0.0.0/8, ::1, "
         "localhost, Unix sockets)"
     )
@@ -142,18 +143,12 @@ _PATCHES = {
 
 
 def is_blocked() -> bool:
-    """True while ``block_network()`` is in effect in this process.
-
-    Used by tests/conftest.py and the test kernels; no notebook introduces it.
-    """
+    """True while ``block_network()`` is in effect in this process."""
     return bool(_originals)
 
 
 def block_network() -> None:
-    """Refuse every connection outside loopback in this process (idempotent).
-
-    Used by tests/conftest.py and the test kernels; no notebook introduces it.
-    """
+    """Refuse every connection outside loopback in this process (idempotent)."""
     if _originals:
         return
     for name, (owner, attr, replacement) in _PATCHES.items():
@@ -162,10 +157,7 @@ def block_network() -> None:
 
 
 def allow_network() -> None:
-    """Undo ``block_network()`` (idempotent).
-
-    Used by tests/conftest.py and the test kernels; no notebook introduces it.
-    """
+    """Undo ``block_network()`` (idempotent)."""
     for name, (owner, attr, _) in _PATCHES.items():
         if name in _originals:
             setattr(owner, attr, _originals.pop(name))
@@ -173,10 +165,7 @@ def allow_network() -> None:
 
 @contextmanager
 def network_blocked():
-    """``with network_blocked(): ...`` blocks inside the block and restores the state after.
-
-    Used by tests/conftest.py and the test kernels; no notebook introduces it.
-    """
+    """``with network_blocked(): ...`` blocks inside the block and restores the state after."""
     was_blocked = is_blocked()
     block_network()
     try:
@@ -187,8 +176,5 @@ def network_blocked():
 
 
 def blocked_attempts() -> list[str]:
-    """The connections this process tried and the guard refused, oldest first.
-
-    Used by tests/conftest.py and the test kernels; no notebook introduces it.
-    """
+    """The connections this process tried and the guard refused, oldest first."""
     return list(_attempts)

@@ -1,0 +1,227 @@
+"""The exam of the kit's own model (notebook 11): every figure of its model card.
+
+    python -m sdkit.evaluation            # ~1 min on 2 CPU cores: print the figures, write the card
+    python -m sdkit.evaluation --no-card  # prints them only
+
+``evaluate`` measures the model in data/toy-sd: the VAE's held-out PSNR, prompt fidelity by
+the shapes checker (one- and two-shape prompts, captions never seen in training), the
+unconditional baseline, a guidance sweep, attention pointing and the speed of one image. The
+figures go to ``evaluation.json`` and into the model card (``README.md``), whose text is the
+template ``sdkit/model_card.md``. The recipe that trains the model is ``sdkit.training``;
+``check_v_target`` is the learner's exam of notebook 11 (the training objective).
+
+Left out: FID and CLIP scores (the shapes world has its own exact checker), GPU timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from . import attention, checks, shapes
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_LENGTH, TOY_DIR, generate_images
+from .training import heldout_psnr, make_scheduler
+
+EVAL_SEED = 10_000  # prompt i of the evaluation is generated with seed EVAL_SEED + i
+GUIDANCE_SWEEP = (0, 1, 3, 7.5)
+BATCH = 16  # images per pipeline call
+
+
+def _seconds_per_image(pipe, repeats: int = 10) -> float:
+    """Median wall time of one image at the default settings, batch 1, guidance on."""
+    times = []
+    for i in range(repeats + 2):
+        g = torch.Generator("cpu").manual_seed(i)
+        t = time.perf_counter()
+        pipe("a red circle on the left", num_inference_steps=DEFAULT_STEPS,
+             guidance_scale=DEFAULT_GUIDANCE, generator=g)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[2:]))
+
+
+def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=print,
+             attention_prompts: int | None = None, sweep_prompts: int | None = None) -> dict:
+    """Measure the toy model: VAE PSNR, prompt fidelity, the unconditional baseline, a guidance
+    sweep (``sweep_prompts``, 96), attention pointing (``attention_prompts``, 64) and speed;
+    print every figure and, with ``write_card``, write them into the model folder's card.
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    folder = checks.check_model_path(model)
+    if not folder.is_dir():
+        checks.fail("model", str(model), "expected a diffusers pipeline folder, e.g. data/toy-sd")
+    n_prompts = checks.check_int("n_prompts", n_prompts, 2, 10_000)
+    write_card = checks.check_bool("write_card", write_card)
+    n_attention = checks.check_int("attention_prompts", attention_prompts or 64, 1, 10_000)
+    n_sweep = checks.check_int("sweep_prompts", sweep_prompts or 96, 1, 10_000)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True,
+                                                   local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.time()
+    figs: dict = {"n_prompts": n_prompts, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
+                  "sampler": type(pipe.scheduler).__name__}
+    figs["vae_psnr_db"] = heldout_psnr(pipe.vae)
+    prompts = shapes.eval_prompts(n_prompts)
+    seeds = list(range(EVAL_SEED, EVAL_SEED + n_prompts))
+
+    def generate(ps, ss, guidance_scale=DEFAULT_GUIDANCE, desc="generating"):
+        return generate_images(pipe, ps, ss, num_inference_steps=DEFAULT_STEPS,
+                               guidance_scale=guidance_scale, batch_size=BATCH, output="uint8",
+                               desc=desc)
+
+    images = generate(prompts, seeds)
+    figs.update(shapes.score_images(images, prompts))
+    held = shapes.heldout_captions()
+    hp = [(im, p) for im, p in zip(images, prompts) if p in held]
+    figs["two_shape_heldout_captions"] = shapes.score_images(
+        [i for i, _ in hp], [p for _, p in hp])["two_shape_all_attributes"]
+    # the unconditional model: the empty prompt without guidance, same seeds
+    unc = generate("", seeds, guidance_scale=0.0, desc="unconditional")
+    figs.update({f"uncond_{k}": v for k, v in shapes.score_images(unc, prompts).items()})
+    # the sweep and the attention figure use subsets spread over one- and two-shape prompts
+    pick = lambda k: np.linspace(0, n_prompts - 1, min(k, n_prompts)).round().astype(int)
+    sub = pick(n_sweep)
+    sp, ss = [prompts[i] for i in sub], [seeds[i] for i in sub]
+    for g in GUIDANCE_SWEEP:
+        ims = [unc[i] for i in sub] if g == 0 else generate(sp, ss, g, desc=f"guidance {g}")
+        ok = shapes.hits(ims, sp, criterion="all_attributes")
+        figs[f"guidance_{g}"] = {
+            "objects_colour_shape": shapes.score_images(ims, sp)["objects_colour_shape"],
+            "all_attributes": float(np.mean(ok))}
+    sub = pick(n_attention)
+    figs.update(attention.pointing_rate(pipe, [prompts[i] for i in sub],
+                                        [seeds[i] for i in sub]))
+    figs["seconds_per_image"] = _seconds_per_image(pipe)
+    figs["eval_minutes"] = round((time.time() - t0) / 60, 1)
+    for key, v in figs.items():
+        log(f"{key:32s} {v}")
+    if write_card:
+        _write_model_card(folder, figs)
+    return figs
+
+
+def training_info(folder=TOY_DIR) -> dict:
+    """What ``python -m sdkit.training train`` recorded in the model folder (recipe, minutes,
+    loss curve); {} if none.
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    return _read_json(folder, "training.json")
+
+
+def evaluation_figures(folder=TOY_DIR) -> dict:
+    """The figures ``evaluate`` wrote into the model folder; {} if it has not been run.
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    return _read_json(folder, "evaluation.json")
+
+
+def _read_json(folder, name: str) -> dict:
+    if not isinstance(folder, (str, os.PathLike)):
+        checks.fail("folder", folder, "expected a folder path (str or pathlib.Path)")
+    f = Path(folder) / name
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _training_text(tr: dict) -> str:
+    if not tr:
+        return "See `sdkit/training.py` (`RECIPE`)."
+    r = tr["recipe"]
+    return (f"{r['n_images']:,} drawn images (every {shapes.HOLDOUT_EVERY}th two-shape caption "
+            f"held out). "
+            f"VAE: {r['vae_steps']} steps of AdamW on 32x32 crops, MSE + 1e-6 KL. "
+            f"VAE decoder (encoder frozen): {r.get('decoder_steps', 0)} steps on 64x64 pictures "
+            f"of every colour and shape, purple and star included"
+            f"{' (' + str(tr['decoder_minutes']) + ' min)' if 'decoder_minutes' in tr else ''}. "
+            f"UNet and text encoder: {r['unet_steps']} steps, batch {r['unet_batch']}, AdamW 1e-3 "
+            f"with cosine decay, v-prediction loss, 10% empty captions for classifier-free "
+            f"guidance, EMA 0.999. Wall time: {tr.get('train_minutes_this_run', '?')} min on "
+            f"{tr.get('machine', 'a 2-core CPU')} ({tr.get('torch_threads', '?')} torch threads).")
+
+
+def _write_model_card(folder, figs: dict) -> Path:
+    """Write ``figs`` to ``evaluation.json`` and the model card ``README.md`` (the template
+    ``sdkit/model_card.md`` filled in) into the model folder; returns the card's path.
+    ``evaluate`` calls it (``python -m sdkit.evaluation``)."""
+    folder = checks.check_model_path(folder)
+    missing = [k for k in ("vae_psnr_db", "attention_pointing", "seconds_per_image", "sampler",
+                           *(f"guidance_{g}" for g in GUIDANCE_SWEEP)) if k not in figs]
+    if missing:
+        checks.fail("figs", sorted(figs)[:8], f"expected evaluate's figures; missing {missing}")
+    (folder / "evaluation.json").write_text(json.dumps(figs, indent=1))
+    tr = training_info(folder)
+    sizes = {p.parent.name: p.stat().st_size for p in folder.glob("*/*.safetensors")}
+    values = {k: v for k, v in figs.items() if not k.startswith("guidance_")}
+    values.update({f"guidance_{g}".replace(".", "_"): figs[f"guidance_{g}"]["all_attributes"]
+                   for g in GUIDANCE_SWEEP})
+    values.setdefault("seconds_per_image_note", "")
+    values.update(
+        default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, max_length=MAX_LENGTH,
+        scaling_factor=figs.get("scaling_factor", tr.get("scaling_factor", "see vae/config.json")),
+        training_text=_training_text(tr), n_words=len(shapes.world_words()),
+        **{f"{part}_mb": sizes.get(part, 0) / 1e6 for part in ("text_encoder", "vae", "unet")})
+    template = files("sdkit").joinpath("model_card.md").read_text(encoding="utf-8")
+    card = folder / "README.md"
+    card.write_text(template.format(**values))
+    return card
+
+
+# ------------------------------------------------------------------------------ the learner's exam
+
+
+def check_v_target(fn) -> bool:
+    """Exercise checker: ``fn(z0, noise, alphas_cumprod, t)`` must equal the scheduler's
+    ``get_velocity`` on random inputs. Prints what is right or wrong; returns a bool.
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    if not callable(fn):
+        checks.fail("fn", fn, "expected a function (z0, noise, alphas_cumprod, t)")
+    s = make_scheduler()
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    t = torch.tensor([0, 250, 700, 999])
+    want = s.get_velocity(z0, noise, t)
+    hint = ("Hint: v = sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * z0, with alpha_bar_t "
+            "= alphas_cumprod[t] shaped (B, 1, 1, 1) to broadcast over the latents.")
+    try:
+        got = fn(z0, noise, s.alphas_cumprod, t)
+    except Exception as e:  # a learner's bug is a wrong answer, not a crash of the checker
+        print(f"Your function raised {type(e).__name__}: {e}. {hint}")
+        return False
+    if got is None:
+        print(f"Not answered yet: your function returns None. {hint}")
+        return False
+    if not torch.is_tensor(got) or got.shape != want.shape:
+        shown = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
+        print(f"Expected a tensor of shape {tuple(want.shape)}, got {shown}. {hint}")
+        return False
+    if not torch.allclose(got.float(), want, atol=1e-6):
+        err = (got.float() - want).abs().max().item()
+        print(f"Not yet: largest difference from get_velocity is {err:.3g}. {hint}")
+        return False
+    print("Right: that is the v-prediction target, as scheduler.get_velocity computes it.")
+    return True
+
+
+def _main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sdkit.evaluation",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(TOY_DIR))
+    p.add_argument("--n-prompts", type=int, default=240)
+    p.add_argument("--no-card", action="store_true", help="print the figures only")
+    args = p.parse_args(argv)
+    evaluate(args.model, n_prompts=args.n_prompts, write_card=not args.no_card)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,218 @@
+"""What one generation costs: weights, memory and FLOPs, for the loaded model and for SD 1.5.
+
+Notebook 06 takes a text-to-image call apart (tokenizer, text encoder, the denoising loop,
+the VAE decoder) and measures it. This module keeps what it measures with:
+
+* ``parameter_counts`` / ``check_fp16_bytes``: weights per part, and the exercise on their
+  bytes in float16;
+* ``peak_memory_bytes``: peak memory so far (CUDA's allocator, else the process's peak RSS);
+* ``unet_tflop_per_step``: the UNet's work per guided denoising step at a picture size,
+  counted by the kit's one FLOP counter (``sdkit.latents.unet_flops``) on the meta device,
+  at the latent size the VAE's factor gives (4 for the toy model, 8 for SD);
+* ``SD15_*``: Stable Diffusion 1.5's configs written out (nothing is downloaded), with
+  ``sd15_parameter_counts``;
+* ``apply_fast_settings``: the kit's fastest settings (fused QKV, channels_last, SDPA,
+  ``torch.compile``), which ``python -m sdkit.bench`` measures against stock diffusers.
+
+Left out: timing (``sdkit.bench`` does it, on the whole pipeline), FLOPs of the text encoder
+and the VAE decoder (they run once per image, the UNet once per step), other model families.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from . import checks
+from .device import get_device
+from .latents import unet_flops
+
+# Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5), its configs written out.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+    freq_shift=0, mid_block_scale_factor=1,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
+    scaling_factor=0.18215,
+)
+SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14's text half
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    layer_norm_eps=1e-5, projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SD15_SCHEDULER = dict(  # SD 1.5's training schedule, sampled with DDIM
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+# pixels per latent pixel along each side: diffusers' rule, 2 ** (number of VAE blocks - 1)
+SD15_VAE_SCALE_FACTOR = 2 ** (len(SD15_VAE["block_out_channels"]) - 1)
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def parameter_counts(pipe) -> dict[str, int]:
+    """Number of weights in each of the pipeline's torch modules (unet, vae, text_encoder, ...).
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        checks.fail("pipe", type(pipe).__name__, "expected a diffusers pipeline (with .components)")
+    counts = {}
+    for name, part in components.items():
+        if isinstance(part, torch.nn.Module):
+            counts[name] = sum(p.numel() for p in part.parameters())
+    return counts
+
+
+def sd15_parameter_counts() -> dict[str, int]:
+    """Weights in SD 1.5's unet, vae and text_encoder, counted on the meta device (no memory).
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        parts = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))}
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+
+
+def check_fp16_bytes(pipe, answer, part: str = "unet") -> bool:
+    """Notebook 06's exercise: how many bytes do ``part``'s weights take in float16?
+
+    ``answer``: an int, or None (not answered yet). Prints whether it is right (and a hint
+    if not); returns True or False.
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    counts = parameter_counts(pipe)
+    checks.check_choice("part", part, sorted(counts))
+    if answer is None:
+        print(f"Not answered yet: set answer to the number of bytes {part}'s weights take "
+              "in float16.")
+        return False
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        print(f"answer={answer!r}: expected an int number of bytes.")
+        return False
+    right = counts[part] * 2
+    if answer == right:
+        print(f"Right: {counts[part]:,} weights x 2 bytes = {right:,} bytes "
+              f"({right / 2**20:.1f} MiB).")
+        return True
+    hint = ("that is the float32 size (4 bytes per weight)" if answer == counts[part] * 4 else
+            "that is the number of weights, not bytes" if answer == counts[part] else
+            "count the weights with parameter_counts(pipe) and multiply by the bytes per weight")
+    print(f"Not quite: {answer:,} bytes; {hint}.")
+    return False
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def peak_memory_bytes(device=None) -> int:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's
+    peak resident set size (``ru_maxrss``; psutil's current RSS where ``resource`` is missing).
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    device = get_device(device, "float32").device
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+    except ImportError:  # Windows
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def unet_tflop_per_step(unet_config, height: int, width: int, vae_scale_factor: int,
+                        guidance: bool = True, seq_len: int = 77) -> float:
+    """TFLOP of one denoising step at ``height`` x ``width`` pixels: the UNet on the guided
+    batch of 2 (prompt and empty prompt), or on 1 latent with ``guidance=False``.
+
+    The latent is (C, height / f, width / f) with f = ``vae_scale_factor`` (read it from the
+    pipeline: ``sdkit.images.vae_scale_factor(pipe.vae)``, 4 for the toy model, 8 for SD;
+    ``SD15_VAE_SCALE_FACTOR`` for SD 1.5's configs), the text ``seq_len`` tokens of the
+    UNet's ``cross_attention_dim``. Counted by ``sdkit.latents.unet_flops`` on a UNet built
+    from ``unet_config`` (a dict or ``unet.config``) on the meta device: no memory, no compute.
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    from diffusers import UNet2DConditionModel
+
+    f = checks.check_int("vae_scale_factor", vae_scale_factor, 1, 64)
+    height, width = checks.check_size(height, width, multiple=f)
+    checks.check_bool("guidance", guidance)
+    seq_len = checks.check_int("seq_len", seq_len, 1, 4096)
+    if not hasattr(unet_config, "keys"):
+        checks.fail("unet_config", type(unet_config).__name__,
+                    "expected a UNet2DConditionModel config: a dict or unet.config")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    c, dim = unet.config.in_channels, unet.config.cross_attention_dim
+    flops = unet_flops(unet, (c, height // f, width // f), (seq_len, dim))  # batch 1
+    return (2 if guidance else 1) * flops / 1e12
+
+
+# ------------------------------------------------------------------------------ fast settings
+
+
+def apply_fast_settings(pipe, compile: bool = True, compile_mode: str = "max-autotune") -> dict:
+    """The kit's fastest settings, in place: fused QKV, channels_last, SDPA (checked) and, when
+    ``compile``, ``torch.compile`` of the UNet and the VAE decoder. Returns what was applied.
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    checks.check_bool("compile", compile)
+    checks.check_choice("compile_mode", compile_mode,
+                        ("default", "reduce-overhead", "max-autotune",
+                         "max-autotune-no-cudagraphs"))
+    applied = {}
+    pipe.fuse_qkv_projections()  # one matmul for q, k and v in self-attention
+    procs = set(type(p).__name__ for p in pipe.unet.attn_processors.values())
+    applied["attention"] = "+".join(sorted(procs))
+    if not procs <= {FusedAttnProcessor2_0.__name__, AttnProcessor2_0.__name__}:
+        checks.fail("pipe", applied["attention"],
+                    "expected diffusers' SDPA attention processors (AttnProcessor2_0); "
+                    "reset custom ones with pipe.unet.set_default_attn_processor()")
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    applied["channels_last"] = True
+    if compile:
+        import torch._inductor.config as inductor
+
+        # the settings of diffusers' "accelerate inference" guide for SD
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
+        applied["compile"] = compile_mode
+    else:
+        applied["compile"] = False
+    return applied
