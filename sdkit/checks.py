@@ -17,6 +17,7 @@ devices inside a pipeline call).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,13 @@ def check_mask(mask, size: tuple[int, int], name: str = "mask") -> np.ndarray:
         fail(name, f"array with values in [{m.min():.3g}, {m.max():.3g}]",
              "expected values in [0, 1] (1 = repaint), or uint8 in [0, 255]")
     return m.astype(np.float32)
+
+
+def check_folder(name: str, folder) -> Path:
+    """A folder path (str or ``os.PathLike``), ``~`` expanded; it need not exist yet."""
+    if not isinstance(folder, (str, os.PathLike)):
+        fail(name, folder, "expected a folder path (str or pathlib.Path)")
+    return Path(folder).expanduser()
 
 
 def check_model_path(path, name: str = "model") -> Path:

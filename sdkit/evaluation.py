@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -27,7 +26,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from . import attention, checks, shapes
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_LENGTH, TOY_DIR, generate_images
+from .pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    MAX_LENGTH,
+    TOY_DIR,
+    generate_images,
+    training_info,
+)
 from .training import heldout_psnr, make_scheduler
 
 EVAL_SEED = 10_000  # prompt i of the evaluation is generated with seed EVAL_SEED + i
@@ -106,30 +112,6 @@ def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=p
     if write_card:
         _write_model_card(folder, figs)
     return figs
-
-
-def training_info(folder=TOY_DIR) -> dict:
-    """What ``python -m sdkit.training train`` recorded in the model folder (recipe, minutes,
-    loss curve); {} if none.
-
-    Introduced in notebooks/11_training_from_scratch.ipynb.
-    """
-    return _read_json(folder, "training.json")
-
-
-def evaluation_figures(folder=TOY_DIR) -> dict:
-    """The figures ``evaluate`` wrote into the model folder; {} if it has not been run.
-
-    Introduced in notebooks/11_training_from_scratch.ipynb.
-    """
-    return _read_json(folder, "evaluation.json")
-
-
-def _read_json(folder, name: str) -> dict:
-    if not isinstance(folder, (str, os.PathLike)):
-        checks.fail("folder", folder, "expected a folder path (str or pathlib.Path)")
-    f = Path(folder) / name
-    return json.loads(f.read_text()) if f.exists() else {}
 
 
 def _training_text(tr: dict) -> str:

@@ -451,3 +451,30 @@ def dpm_solver(scheduler_config) -> DPMSolverMultistepScheduler:
         checks.fail("scheduler_config", type(scheduler_config).__name__,
                     "expected a scheduler's config, e.g. pipe.scheduler.config")
     return DPMSolverMultistepScheduler.from_config(scheduler_config, final_sigmas_type="zero")
+
+
+# ------------------------------------------------------------------------------ the model card
+
+
+def training_info(folder=TOY_DIR) -> dict:
+    """What ``python -m sdkit.training train`` recorded in the model folder (recipe, minutes,
+    loss curve), read from its ``training.json``; {} if none.
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    return _read_json(folder, "training.json")
+
+
+def evaluation_figures(folder=TOY_DIR) -> dict:
+    """The model card's figures: what ``python -m sdkit.evaluation`` wrote into the model
+    folder's ``evaluation.json``; {} if it has not been run. Notebooks print the card's
+    figures from here, so no number about the model is typed into their text.
+
+    Introduced in notebooks/11_training_from_scratch.ipynb.
+    """
+    return _read_json(folder, "evaluation.json")
+
+
+def _read_json(folder, name: str) -> dict:
+    f = checks.check_folder("folder", folder) / name
+    return json.loads(f.read_text()) if f.exists() else {}

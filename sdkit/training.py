@@ -65,19 +65,13 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def _check_folder(name: str, folder) -> Path:
-    if not isinstance(folder, (str, os.PathLike)):
-        checks.fail(name, folder, "expected a folder path (str or pathlib.Path)")
-    return Path(folder)
-
-
 def write_tokenizer(folder) -> CLIPTokenizer:
     """Write a real CLIP tokenizer (vocab.json, merges.txt) whose vocabulary is CLIP's 512
     byte symbols plus one merge chain per word of the shapes world; returns it loaded.
 
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
-    folder = _check_folder("folder", folder)
+    folder = checks.check_folder("folder", folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
@@ -404,7 +398,7 @@ def _train(out=TOY_DIR, workdir="runs/toy", quick: bool = False, snapshot_every:
     """The whole recipe (``python -m sdkit.training train``): draw data, train the VAE, encode
     latents, train UNet + text encoder, fine-tune the VAE decoder, save the pipeline to
     ``out``; resumes from the checkpoints in ``workdir``."""
-    out, workdir = _check_folder("out", out), _check_folder("workdir", workdir)
+    out, workdir = checks.check_folder("out", out), checks.check_folder("workdir", workdir)
     quick, snapshot_every = checks.check_bool("quick", quick), checks.check_int(
         "snapshot_every", snapshot_every, 0, 1_000_000)
     r = QUICK if quick else RECIPE
@@ -454,7 +448,7 @@ def _finetune_decoder(folder=TOY_DIR, steps: int | None = None, n_images: int = 
     the VAE decoder of a saved model folder on every colour and shape, purple and star too,
     encoder frozen; the folder's VAE and training record are rewritten. Returns the held-out
     PSNR afterwards."""
-    folder = _check_folder("folder", folder)
+    folder = checks.check_folder("folder", folder)
     if not (folder / "vae" / "config.json").is_file():
         checks.fail("folder", str(folder), "expected a pipeline folder with a vae/ subfolder")
     steps = checks.check_int("steps", RECIPE["decoder_steps"] if steps is None else steps, 0, 10**6)

@@ -760,7 +760,7 @@ CASES = [
          Refused("model", "'no-such-folder'", "no such file or folder")),
     Case("evaluate-one-prompt", lambda c: evaluation.evaluate(pipeline.TOY_DIR, n_prompts=1),
          Refused("n_prompts", "1", "[2, 10000]")),
-    Case("evaluation-figures-not-a-path", lambda c: evaluation.evaluation_figures(None),
+    Case("evaluation-figures-not-a-path", lambda c: pipeline.evaluation_figures(None),
          Refused("folder", "None", "a folder path (str or pathlib.Path)")),
     Case("model-card-without-the-figures", lambda c: evaluation._write_model_card(
         _model_folder(c), {"n_prompts": 8}),

@@ -20,7 +20,7 @@ VAE_PSNR_BAR = 36.0  # dB: the model card's bar for the shipped VAE (measured 36
 def test_shipped_vae_meets_the_cards_psnr_bar(toy_pipe):
     p = training.heldout_psnr(toy_pipe.vae)
     assert p >= VAE_PSNR_BAR
-    assert p == pytest.approx(evaluation.evaluation_figures()["vae_psnr_db"], abs=0.01)
+    assert p == pytest.approx(pipeline.evaluation_figures()["vae_psnr_db"], abs=0.01)
     assert training.heldout_psnr(training.make_vae()) < 20  # an untrained VAE is far off
 
 
@@ -46,7 +46,7 @@ def test_card_is_the_template_filled_with_the_shipped_figures(tmp_path):
     folder = tmp_path / "toy-sd"
     shutil.copytree(TOY, folder)
     (folder / "README.md").unlink()
-    figs = evaluation.evaluation_figures(folder)
+    figs = pipeline.evaluation_figures(folder)
     card = evaluation._write_model_card(folder, figs)
     assert card.read_text() == (TOY / "README.md").read_text()
     assert json.loads((folder / "evaluation.json").read_text()) == figs
@@ -63,10 +63,10 @@ def test_a_refused_card_writes_nothing(tmp_path):
 
 
 def test_figures_and_record_are_empty_for_a_folder_without_them(tmp_path):
-    assert evaluation.evaluation_figures(tmp_path) == {}
-    assert evaluation.training_info(tmp_path) == {}
+    assert pipeline.evaluation_figures(tmp_path) == {}
+    assert pipeline.training_info(tmp_path) == {}
     (tmp_path / "training.json").write_text(json.dumps({"recipe": {"unet_steps": 3}}))
-    assert evaluation.training_info(tmp_path) == {"recipe": {"unet_steps": 3}}
+    assert pipeline.training_info(tmp_path) == {"recipe": {"unet_steps": 3}}
 
 
 def _v_right(z0, noise, ac, t):
