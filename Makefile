@@ -4,6 +4,7 @@
 #   make test             set up .venv and run every unit test and every notebook (nbval lax)
 #   make lint             ruff check
 #   make clean-notebooks  strip outputs and execution counts from notebooks/*.ipynb
+#   make handout          handout/: the notebooks without their reference solutions
 #
 # Variables: PYTHON (python3), VENV (.venv), LAB_ARGS (e.g. --port 8899),
 # PYTEST_ARGS (e.g. notebooks/01_forward_noising.ipynb or -k device).
@@ -25,7 +26,7 @@ ifeq ($(shell id -u),0)
 ALLOW_ROOT := --allow-root
 endif
 
-.PHONY: setup lab test lint clean-notebooks strip
+.PHONY: setup lab test lint clean-notebooks strip handout
 
 setup: $(STAMP)
 
@@ -97,3 +98,11 @@ clean-notebooks: $(STAMP)
 	$(BIN)/python -c "$$STRIP_NOTEBOOKS" notebooks/*.ipynb
 
 strip: clean-notebooks
+
+# The kit for a class without the reference solutions (README: "Exercises and solutions"):
+# every committed file but notebooks/solutions/, in handout/sdkit-kit/ (run `make lab` there).
+handout:
+	rm -rf handout
+	mkdir -p handout/sdkit-kit
+	git archive HEAD | tar -x -C handout/sdkit-kit --exclude=notebooks/solutions
+	@echo "handout/sdkit-kit: the kit without notebooks/solutions ($$(ls handout/sdkit-kit/notebooks | wc -l) notebooks)"

@@ -9,7 +9,7 @@ capture is cheap. ``word_maps`` turns the records into one map per token.
 Also here: ``cross_attention_by_hand`` (notebook 03's hand computation), ``capture_io``,
 where a word sits (``prompt_tokens``, ``token_indices``), whether an object's words' map
 peaks inside it (``point_objects``; ``pointing_rate`` is the model card's figure), heatmaps,
-and the checkers of notebook 03's exercises.
+and the checker of notebook 03's exercise.
 
 Left out: self-attention maps (only cross-attention says which word goes where) and
 prompt-to-prompt editing, which rewrites these maps instead of reading them.
@@ -444,57 +444,53 @@ def _verdict(ok: bool, text: str) -> bool:
     return ok
 
 
-def check_token_index(answer, tokenizer, prompt: str, word: str) -> bool:
-    """Checker: is ``answer`` the position of ``word`` in the tokenized ``prompt``?
-
-    Prints what is right or wrong (with a hint) and returns True or False; a wrong answer
-    never raises. None means "not answered yet".
-
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
-    """
-    right = token_indices(tokenizer, prompt, word)
-    expected = right[0] if len(right) == 1 else right
-    if answer is None:
-        return _verdict(False, "Not answered yet: set `answer` to an int.")
-    if hasattr(answer, "tolist"):  # a tensor, a numpy array or a numpy number
-        answer = answer.tolist()
-    if answer == expected or answer == right:
-        return _verdict(True, f"Correct: {word!r} is token {expected} (the start token is 0).")
-    hint = (" Remember the start token <|startoftext|> sits at position 0."
-            if isinstance(answer, int) and isinstance(expected, int) and answer == expected - 1
-            else " Look at prompt_tokens(tokenizer, prompt).")
-    return _verdict(False, f"Not quite: {answer!r} is not where {word!r} sits.{hint}")
-
-
 def check_head_weights(answer, attn, hidden_states, encoder_hidden_states, head: int,
                        atol: float = 1e-5) -> bool:
-    """Checker: is ``answer`` (HW, T) one head's attention weights softmax(Q K^T / sqrt(d))
-    for item 0 of the batch? Prints what is right or wrong, with a hint, and returns True or
-    False; a wrong answer (of any type) never raises. None means "not answered yet".
+    """Checker of notebook 03's exercise: one head's attention weights softmax(Q K^T / sqrt(d)),
+    (HW, T), for item 0 of the batch. ``answer`` is a tensor, or a function ``answer(attn,
+    hidden_states, encoder_hidden_states, head)`` that computes it, tried on these inputs and
+    on random ones of the same shapes (so a copy of one result does not pass). Prints what is
+    right or wrong, with a hint, and returns True or False; a wrong answer (of any type, or a
+    function that raises) never raises. None, or a function returning None: not solved yet.
 
     Introduced in notebooks/03_text_and_cross_attention.ipynb.
     """
-    _, probs = cross_attention_by_hand(attn, hidden_states, encoder_hidden_states)
-    want = probs[0, checks.check_int("head", head, 0, attn.heads - 1)]  # (HW, T)
-    if answer is None:
-        return _verdict(False, f"Not answered yet: set `answer` to a tensor of shape "
-                               f"{tuple(want.shape)}.")
-    try:
-        answer = torch.as_tensor(answer, dtype=torch.float32).detach()
-    except (TypeError, ValueError, RuntimeError):
-        return _verdict(False, f"Not quite: expected a tensor of shape {tuple(want.shape)}, "
-                               f"got {type(answer).__name__}.")
-    if answer.shape != want.shape:
-        return _verdict(False, f"Not quite: expected shape {tuple(want.shape)} (pixels x "
-                               f"tokens), got {tuple(answer.shape)}.")
-    if not torch.allclose(answer.sum(-1), torch.ones(want.shape[0]), atol=1e-4):
-        return _verdict(False, "Not quite: each row (one pixel) should sum to 1 over the "
-                               "tokens: did you take the softmax over the last axis?")
-    err = (answer - want).abs().max().item()
-    if err <= atol:
-        return _verdict(True, f"Correct: head {head}'s weights match (max difference "
-                              f"{err:.1e}).")
-    d = attn.to_q.out_features // attn.heads
-    return _verdict(False, f"Not quite: max difference {err:.3g}. Did you scale by 1/sqrt(d) "
-                           f"with d = {d}, the head's size, not the layer's width? And take "
-                           f"head {head}'s slice of Q and K?")
+    head = checks.check_int("head", head, 0, attn.heads - 1)
+    cases = [(hidden_states, encoder_hidden_states)]
+    if callable(answer):
+        g = torch.Generator().manual_seed(0)
+        cases.append(tuple(torch.randn(x.shape, generator=g) for x in cases[0]))
+    for i, (x, ctx) in enumerate(cases):
+        want = cross_attention_by_hand(attn, x, ctx)[1][0, head]  # (HW, T)
+        got, where = answer, " on random inputs" if i else ""
+        if callable(answer):
+            try:
+                with torch.no_grad():
+                    got = answer(attn, x, ctx, head)
+            except Exception as e:  # the learner's code: report it, do not stop the notebook
+                return _verdict(False, f"Not quite: your function raised{where} "
+                                       f"{type(e).__name__}: {e}")
+        if got is None:
+            return _verdict(False, f"Exercise not solved yet: return a tensor of shape "
+                                   f"{tuple(want.shape)} (pixels x tokens).")
+        try:
+            got = torch.as_tensor(got, dtype=torch.float32).detach()
+        except (TypeError, ValueError, RuntimeError):
+            return _verdict(False, f"Not quite: expected a tensor of shape "
+                                   f"{tuple(want.shape)}, got {type(got).__name__}.")
+        if got.shape != want.shape:
+            return _verdict(False, f"Not quite: expected shape {tuple(want.shape)} (pixels x "
+                                   f"tokens), got {tuple(got.shape)}.")
+        if not torch.allclose(got.sum(-1), torch.ones(want.shape[0]), atol=1e-4):
+            return _verdict(False, "Not quite: each row (one pixel) should sum to 1 over the "
+                                   "tokens: did you take the softmax over the last axis?")
+        err = (got - want).abs().max().item()
+        if err > atol:
+            d = attn.to_q.out_features // attn.heads
+            return _verdict(False, f"Not quite: max difference {err:.3g}{where}. Did you "
+                                   f"scale by 1/sqrt(d) with d = {d}, the head's size, not the "
+                                   f"layer's width? And take head {head}'s slice of Q and K "
+                                   f"(channels {head * d} to {(head + 1) * d - 1})?")
+    return _verdict(True, f"Correct: head {head}'s weights match"
+                          + (" on the layer's inputs and on random ones." if len(cases) > 1
+                             else "."))

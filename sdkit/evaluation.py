@@ -8,7 +8,8 @@ the shapes checker (one- and two-shape prompts, captions never seen in training)
 unconditional baseline, a guidance sweep, attention pointing and the speed of one image. The
 figures go to ``evaluation.json`` and into the model card (``README.md``), whose text is the
 template ``sdkit/model_card.md``. The recipe that trains the model is ``sdkit.training``;
-``check_v_target`` is the learner's exam of notebook 11 (the training objective).
+``check_eps_from_v`` is the learner's exam of notebook 11 (the noise a v-prediction
+model implies).
 
 Left out: FID and CLIP scores (the shapes world has its own exact checker), GPU timings.
 """
@@ -160,38 +161,70 @@ def _write_model_card(folder, figs: dict) -> Path:
 # ------------------------------------------------------------------------------ the learner's exam
 
 
-def check_v_target(fn) -> bool:
-    """Exercise checker: ``fn(z0, noise, alphas_cumprod, t)`` must equal the scheduler's
-    ``get_velocity`` on random inputs. Prints what is right or wrong; returns a bool.
+def _eps_mistakes(z_t, v, a, b) -> list[tuple[torch.Tensor, str]]:
+    """What the typical wrong versions of eps from v give, each with what went wrong."""
+    return [
+        (a * z_t - b * v, "that is x0-hat, the clean latent; the question asks for the noise"),
+        (b * v + a * z_t, "sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) are swapped"),
+        (a * v - b * z_t, "a sign is wrong: check the sign of z0 in v"),
+        (a**2 * v + b**2 * z_t, "the square roots are missing: alpha_bar_t is already the "
+                                "signal's variance, its square root the signal's share"),
+    ]
+
+
+def check_eps_from_v(fn) -> bool:
+    """Notebook 11's exercise: ``fn(z_t, v, alphas_cumprod, t)`` must give back the noise
+    that made ``z_t`` from the v-prediction target ``v``, for a batch with one timestep per
+    latent, on the toy's training schedule (zero terminal SNR), t = T included.
+
+    Prints what is right or wrong, with a hint naming the typical mistake it recognises (the
+    clean latent instead, swapped or missing square roots, a division that fails at t = T);
+    a learner's exception is a wrong answer (reported, not raised); a function returning None
+    is not solved yet. Returns True or False.
 
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
     if not callable(fn):
-        checks.fail("fn", fn, "expected a function (z0, noise, alphas_cumprod, t)")
+        print(f"Not solved yet: expected a function eps_from_v(z_t, v, alphas_cumprod, t), "
+              f"got {type(fn).__name__}.")
+        return False
     s = make_scheduler()
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
-    t = torch.tensor([0, 250, 700, 999])
-    want = s.get_velocity(z0, noise, t)
-    hint = ("Hint: v = sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * z0, with alpha_bar_t "
-            "= alphas_cumprod[t] shaped (B, 1, 1, 1) to broadcast over the latents.")
+    t = torch.tensor([0, 250, 700, s.config.num_train_timesteps - 1])
+    z_t, v = s.add_noise(z0, noise, t), s.get_velocity(z0, noise, t)
+    hint = ("Hint: write z_t and v in terms of z0 and the noise, and eliminate z0; "
+            "alpha_bar_t + (1 - alpha_bar_t) = 1. Shape alphas_cumprod[t] (B,) to (B, 1, 1, 1).")
     try:
-        got = fn(z0, noise, s.alphas_cumprod, t)
+        got = fn(z_t.clone(), v.clone(), s.alphas_cumprod.clone(), t.clone())
     except Exception as e:  # a learner's bug is a wrong answer, not a crash of the checker
         print(f"Your function raised {type(e).__name__}: {e}. {hint}")
         return False
     if got is None:
-        print(f"Not answered yet: your function returns None. {hint}")
+        print("Not solved yet: eps_from_v returns None. Fill in its body and run this cell "
+              "again.")
         return False
-    if not torch.is_tensor(got) or got.shape != want.shape:
+    if not torch.is_tensor(got) or got.shape != noise.shape:
         shown = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-        print(f"Expected a tensor of shape {tuple(want.shape)}, got {shown}. {hint}")
+        print(f"Expected a tensor of shape {tuple(noise.shape)}, got {shown}. {hint}")
         return False
-    if not torch.allclose(got.float(), want, atol=1e-6):
-        err = (got.float() - want).abs().max().item()
-        print(f"Not yet: largest difference from get_velocity is {err:.3g}. {hint}")
+    got = got.detach().float()
+    if not torch.isfinite(got).all():
+        bad = sorted({int(t[k]) for k in range(len(t)) if not torch.isfinite(got[k]).all()})
+        print(f"Not yet: not finite at t = {bad}. Hint: on this schedule alpha_bar_T = 0, so "
+              "a formula that divides by sqrt(alpha_bar_t) fails at t = T; one without any "
+              "division exists.")
         return False
-    print("Right: that is the v-prediction target, as scheduler.get_velocity computes it.")
+    if not torch.allclose(got, noise, atol=1e-4):
+        ac = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+        why = next((w for want, w in _eps_mistakes(z_t, v, ac.sqrt(), (1 - ac).sqrt())
+                    if torch.allclose(got, want, atol=1e-4)), None)
+        err = (got - noise).abs().amax(dim=(1, 2, 3))
+        print(f"Not yet: largest difference from the true noise at t = {t.tolist()}: "
+              f"{[round(e, 4) for e in err.tolist()]}. " + (f"Hint: {why}." if why else hint))
+        return False
+    print("Right: eps-hat = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) z_t, no division, so it "
+          "holds at t = T too, where it reads eps-hat = z_T: at zero SNR the input is the noise.")
     return True
 
 

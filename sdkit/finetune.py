@@ -12,7 +12,7 @@ This module holds what the three share: training pictures of a concept with thei
 (``make_concept_data``, ``fill_template``), their VAE latents (``encode_images``), the loss
 (``diffusion_loss``), the training loop every method runs, the ``FineTuneResult`` it
 returns, the checker's success rate on generated pictures (``success_rate``), plots and
-tables, and the notebook's exercise checker.
+tables. The notebook's exercise checker is ``lora.check_sd15_lora_bytes``.
 
 Left out: full DreamBooth (all UNet weights), training the text encoder with LoRA,
 multi-vector embeddings, learning-rate schedules, EMA, mixed precision, augmentation.
@@ -425,34 +425,3 @@ def summary_table(rows) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ exercise
-
-
-def check_exercise(answer, text_encoder) -> bool:
-    """Checker for notebook 09's exercise: how many numbers does textual inversion train for
-    one new word of this text encoder? Prints whether ``answer`` is right (with a hint if
-    not) and returns True or False; never raises on a wrong answer.
-
-    Introduced in notebooks/09_fine_tuning.ipynb.
-    """
-    weight = text_encoder.get_input_embeddings().weight  # (V, d)
-    if answer is None:
-        print("Not answered yet: set `answer` to a number of parameters (an int).")
-        return False
-    if torch.is_tensor(answer) and answer.numel() == 1:
-        answer = answer.item()
-    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
-        print(f"answer={answer!r}: expected an int. Hint: count the numbers in one row of "
-              f"text_encoder.get_input_embeddings().weight.")
-        return False
-    if int(answer) == weight.shape[1]:
-        print(f"Right: one row of the token-embedding matrix, {weight.shape[1]} numbers (SD 1.x: "
-              f"768, SD 2.x: 1024). Every other weight stays frozen.")
-        return True
-    hint = ("that is the whole embedding matrix; only the new word's row trains"
-            if answer == weight.numel() else
-            "look at the shape of text_encoder.get_input_embeddings().weight: (vocabulary, width)")
-    print(f"answer={answer} is not it. Hint: {hint}.")
-    return False

@@ -3,8 +3,7 @@
 Notebook 06 takes a text-to-image call apart (tokenizer, text encoder, the denoising loop,
 the VAE decoder) and measures it. This module keeps what it measures with:
 
-* ``parameter_counts`` / ``check_fp16_bytes``: weights per part, and the exercise on their
-  bytes in float16;
+* ``parameter_counts``: weights per part;
 * ``peak_memory_bytes``: peak memory so far (CUDA's allocator, else the process's peak RSS);
 * ``unet_tflop_per_step``: the UNet's work per guided denoising step at a picture size,
   counted by the kit's one FLOP counter (``sdkit.latents.unet_flops``) on the meta device,
@@ -12,7 +11,9 @@ the VAE decoder) and measures it. This module keeps what it measures with:
 * ``SD15_*``: Stable Diffusion 1.5's configs written out (nothing is downloaded), with
   ``sd15_parameter_counts``;
 * ``apply_fast_settings``: the kit's fastest settings (fused QKV, channels_last, SDPA,
-  ``torch.compile``), which ``python -m sdkit.bench`` measures against stock diffusers.
+  ``torch.compile``), which ``python -m sdkit.bench`` measures against stock diffusers;
+* ``check_sd15_fp16_mib``: the checker of the notebook's exercise, SD 1.5's weights in
+  float16 predicted from its configs.
 
 Left out: timing (``sdkit.bench`` does it, on the whole pipeline), FLOPs of the text encoder
 and the VAE decoder (they run once per image, the UNet once per step), other model families.
@@ -20,6 +21,9 @@ and the VAE decoder (they run once per image, the UNet once per step), other mod
 
 from __future__ import annotations
 
+import itertools
+import math
+import numbers
 import sys
 
 import torch
@@ -89,37 +93,6 @@ def sd15_parameter_counts() -> dict[str, int]:
         parts = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
                  "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))}
     return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
-
-
-def check_fp16_bytes(pipe, answer, part: str = "unet") -> bool:
-    """Notebook 06's exercise: how many bytes do ``part``'s weights take in float16?
-
-    ``answer``: an int, or None (not answered yet). Prints whether it is right (and a hint
-    if not); returns True or False.
-
-    Introduced in notebooks/06_full_generation.ipynb.
-    """
-    counts = parameter_counts(pipe)
-    checks.check_choice("part", part, sorted(counts))
-    if answer is None:
-        print(f"Not answered yet: set answer to the number of bytes {part}'s weights take "
-              "in float16.")
-        return False
-    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
-        answer = answer.item()
-    if isinstance(answer, bool) or not isinstance(answer, int):
-        print(f"answer={answer!r}: expected an int number of bytes.")
-        return False
-    right = counts[part] * 2
-    if answer == right:
-        print(f"Right: {counts[part]:,} weights x 2 bytes = {right:,} bytes "
-              f"({right / 2**20:.1f} MiB).")
-        return True
-    hint = ("that is the float32 size (4 bytes per weight)" if answer == counts[part] * 4 else
-            "that is the number of weights, not bytes" if answer == counts[part] else
-            "count the weights with parameter_counts(pipe) and multiply by the bytes per weight")
-    print(f"Not quite: {answer:,} bytes; {hint}.")
-    return False
 
 
 # ------------------------------------------------------------------------------ memory
@@ -216,3 +189,77 @@ def apply_fast_settings(pipe, compile: bool = True, compile_mode: str = "max-aut
     else:
         applied["compile"] = False
     return applied
+
+
+# ------------------------------------------------------------------------------ the exercise
+
+MIB = 2**20
+# (value, what it means) for the typical mistakes of notebook 06's exercise
+_BYTES_PER_WEIGHT = ((2, None), (4, "4 bytes per weight is float32; float16 takes 2"),
+                     (1, "1 byte per weight is 8 bits; float16 takes 16 bits = 2 bytes"),
+                     (16, "16 is float16's bits; a weight takes 16 / 8 = 2 bytes"),
+                     (32, "32 is float32's bits, and float16 takes 2 bytes"))
+_UNITS = ((MIB, None), (1e6, "that is MB (10**6 bytes); a MiB is 2**20 = 1,048,576 bytes"),
+          (1, "that is bytes: divide by 2**20 for MiB"),
+          (2**10, "that is KiB: a MiB is 2**20 bytes"),
+          (2**30, "that is GiB: a MiB is 2**20 bytes, a GiB 2**30"),
+          (1e9, "that is GB (10**9 bytes): a MiB is 2**20 bytes"))
+
+
+def _fp16_mistakes(value: float, counts: dict[str, int]) -> list[str] | None:
+    """The fewest typical mistakes (bytes per weight, unit, parts left out) that give ``value``
+    MiB from ``counts``; None when no combination does (to 0.2%)."""
+    found = []
+    for size in range(len(counts), 0, -1):
+        for parts in itertools.combinations(counts, size):
+            for nbytes, bytes_hint in _BYTES_PER_WEIGHT:
+                for unit, unit_hint in _UNITS:
+                    candidate = sum(counts[p] for p in parts) * nbytes / unit
+                    if abs(value - candidate) > 2e-3 * candidate:
+                        continue
+                    left_out = [p for p in counts if p not in parts]
+                    hints = [h for h in (bytes_hint, unit_hint) if h]
+                    if left_out:
+                        hints.append(f"the {' and '.join(left_out)} "
+                                     f"{'is' if len(left_out) == 1 else 'are'} left out: "
+                                     f"a generation loads all of {', '.join(counts)}")
+                    if hints:
+                        found.append(hints)
+    return min(found, key=len) if found else None
+
+
+def check_sd15_fp16_mib(answer) -> bool:
+    """Notebook 06's exercise: how many MiB do SD 1.5's weights take in float16?
+
+    The weights of its three parts together (unet, vae, text_encoder; counted from its
+    configs by ``sd15_parameter_counts``). ``answer``: a number of MiB (right to 1 MiB), or
+    None (not solved yet). Prints whether it is right and, if not, which typical mistake the
+    number matches (float32's 4 bytes, MB instead of MiB, a part left out, ...); returns True
+    or False, never raises.
+
+    Introduced in notebooks/06_full_generation.ipynb.
+    """
+    if answer is None:
+        print("not solved yet: set sd15_fp16_mib to the MiB that SD 1.5's unet, vae and "
+              "text_encoder weights take in float16.")
+        return False
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Real) \
+            or not math.isfinite(answer):
+        print(f"sd15_fp16_mib={answer!r}: expected a number of MiB (an int or a float).")
+        return False
+    counts = sd15_parameter_counts()
+    n = sum(counts.values())
+    right = n * 2 / MIB
+    if abs(answer - right) <= 1:
+        print(f"Right: {n:,} weights x 2 bytes = {n * 2:,} bytes = {right:,.1f} MiB "
+              f"({n * 2 / 1e9:.2f} GB; float32 would take twice as much).")
+        return True
+    mistakes = _fp16_mistakes(float(answer), counts)
+    if mistakes:
+        print(f"Not quite: {answer:,.4g} MiB. Hint: " + "; ".join(mistakes) + ".")
+    else:
+        print(f"Not quite: {answer:,.4g} MiB. Hint: count the weights of all three parts "
+              f"(sd15_parameter_counts()), times 2 bytes each, divided by 2**20 bytes per MiB.")
+    return False

@@ -149,29 +149,58 @@ def img2img(pipe, image, prompt: str, strength: float, seed: int,
 # ----------------------------------------------------------------------------- exercise
 
 
+def _timesteps_hint(got: list[int], full: list[int], steps: int, strength: float) -> str:
+    """The typical mistake that gives ``got``, where ``full`` is the whole schedule."""
+    keep = int(steps * strength)
+    if keep == 0 and got == full:
+        return ("no step runs when int(steps * strength) is 0, but timesteps[-0:] is the "
+                "whole schedule: slice from steps - k instead")
+    if got and len(got) == keep and got == full[:keep]:
+        return ("those are the first, noisiest steps of the schedule; img2img starts part-way "
+                "along it and runs the last ones, down to the least noisy")
+    if got == full[len(full) - len(got):]:  # the end of the schedule, but too long or short
+        if len(got) == round(steps * strength):
+            return "int() rounds down: diffusers keeps int(steps * strength) steps, not round()"
+        return f"{len(got)} steps from the end instead of int(steps * strength) = {keep}"
+    return "img2img runs the last int(steps * strength) timesteps of the full schedule"
+
+
 def check_timesteps_answer(fn, pipe) -> bool:
     """Checker of notebook 07's exercise: ``fn(num_inference_steps, strength)`` must return
-    the list of int timesteps that ``img2img`` runs with ``pipe``'s scheduler. Tried at
-    several step counts and strengths; prints the first wrong case with a hint, or that all
-    are right, and returns True or False.
+    the timesteps (a list or tensor of ints) that ``img2img`` runs with ``pipe``'s scheduler.
+
+    Tried at several step counts and strengths; prints the first wrong case with a hint on
+    the typical mistake it matches (the first steps instead of the last, round() instead of
+    int(), timesteps[-0:]), or that all are right; "not solved yet" when ``fn`` is None or
+    returns None. Returns True or False; never raises on a wrong answer.
 
     Introduced in notebooks/07_image_to_image.ipynb.
     """
+    if fn is None:
+        print("not solved yet: write my_timesteps(num_inference_steps, strength).")
+        return False
     if not callable(fn):
-        checks.fail("fn", fn, "expected a function (num_inference_steps, strength) -> list")
+        print(f"{fn!r} is not a function: expected my_timesteps(num_inference_steps, "
+              f"strength) -> the list of timesteps.")
+        return False
     for steps in (4, 10, 25):
+        full = [int(t) for t in truncated_timesteps(_scheduler_copy(pipe), steps, 1.0)]
         for strength in (0.0, 0.15, 0.3, 0.5, 0.74, 1.0):
             want = [int(t) for t in truncated_timesteps(_scheduler_copy(pipe), steps, strength)]
             try:
-                got = [int(t) for t in fn(steps, strength)]
+                out = fn(steps, strength)
+                if out is None:
+                    print("not solved yet: my_timesteps returns None.")
+                    return False
+                got = [int(t) for t in out]
             except Exception as e:  # noqa: BLE001 - a learner's bug is a wrong answer
                 print(f"steps={steps}, strength={strength}: your function raised "
                       f"{type(e).__name__}: {e}")
                 return False
             if got != want:
-                print(f"Not quite: steps={steps}, strength={strength}: expected {want}, got "
-                      f"{got}. Hint: img2img runs the last int(steps * strength) steps of "
-                      f"the full schedule.")
+                print(f"Not quite: steps={steps}, strength={strength}: expected "
+                      f"{len(want)} timesteps, got {got}. Hint: "
+                      f"{_timesteps_hint(got, full, steps, strength)}.")
                 return False
     print("Right: the last int(steps * strength) timesteps, for every case tried.")
     return True

@@ -228,31 +228,79 @@ def outpaint(pipe, image, prompt: str, new_width: int, side: str = "right", seed
 # ----------------------------------------------------------------------------- exercise
 
 
+def _exercise_masks():
+    """The masks the checker tries: (mask (H, W) float32, f). Random values, some exactly
+    0.5 (the pipeline's binarisation counts 0.5 as masked), and a mask whose blocks are
+    not uniform, so that every choice of pixel gives a different answer."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for h, w, f in ((64, 64, 4), (64, 96, 4), (16, 40, 8)):
+        mask = rng.random((h, w)).astype(np.float32)
+        mask[rng.random((h, w)) < 0.1] = 0.5
+        cases.append((mask, f))
+    return cases
+
+
+def _latent_mask_hint(got: np.ndarray, mask: np.ndarray, f: int) -> str:
+    """Which typical mistake gives ``got`` for ``mask``."""
+    binary = (mask >= 0.5).astype(np.float32)
+    h, w = mask.shape[0] // f, mask.shape[1] // f
+    blocks = binary.reshape(h, f, w, f)
+    if np.array_equal(got, mask[::f, ::f]):
+        return "binarise first: every value >= 0.5 becomes 1, the rest 0"
+    if np.array_equal(got, (mask[::f, ::f] > 0.5).astype(np.float32)):
+        return "a pixel of exactly 0.5 counts as masked (>= 0.5, as the pipeline binarises)"
+    if np.array_equal(got, blocks.max(axis=(1, 3))):
+        return ("that is max-pooling (a block counts if any pixel is masked); nearest-neighbour "
+                "downsampling keeps one pixel of each block")
+    if np.array_equal(got, (blocks.mean(axis=(1, 3)) >= 0.5).astype(np.float32)):
+        return ("that is a majority vote over each block; nearest-neighbour downsampling keeps "
+                "one pixel of each block")
+    for dy in range(f):
+        for dx in range(f):
+            if (dy, dx) != (0, 0) and np.array_equal(got, binary[dy::f, dx::f]):
+                return (f"you kept pixel ({dy}, {dx}) of each f x f block; F.interpolate's "
+                        f"'nearest' maps latent pixel i to pixel floor(i * f): which one is that?")
+    return ("binarise at 0.5, then keep one pixel of each f x f block, the one "
+            "F.interpolate(mode='nearest') picks (try inpainting.latent_mask on a mask with "
+            "a single pixel set)")
+
+
 def check_latent_mask_answer(fn) -> bool:
     """Checker of notebook 08's exercise: ``fn(mask, scale_factor)`` for a (H, W) float mask
-    must return the (H/f, W/f) mask the latents see, as ``latent_mask`` computes it. Prints
-    the first wrong case with a hint, or that all are right; returns True or False.
+    must return the (H/f, W/f) mask of 0/1 the latents see, as ``latent_mask`` computes it.
+    Prints the first wrong case with a hint about the typical mistake it matches, or that
+    all are right; "not solved yet" when ``fn`` is None or returns None. Returns True or
+    False, never raises.
 
     Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
     """
+    if fn is None:
+        print("not solved yet: write my_latent_mask(mask, scale_factor).")
+        return False
     if not callable(fn):
-        checks.fail("fn", fn, "expected a function (mask (H, W), scale_factor) -> (H/f, W/f)")
-    rng = np.random.default_rng(0)
-    for h, w, f in ((64, 64, 4), (64, 96, 4), (16, 40, 8)):
-        mask = rng.random((h, w)).astype(np.float32)
+        print(f"{fn!r} is not a function: expected my_latent_mask(mask, scale_factor).")
+        return False
+    for mask, f in _exercise_masks():
+        h, w = mask.shape
         want = latent_mask(mask, f)[0, 0].numpy()
         try:
-            got = np.asarray(fn(mask, f), dtype=np.float32)
+            out = fn(mask.copy(), f)
+            if out is None:
+                print("not solved yet: my_latent_mask returns None.")
+                return False
+            got = np.asarray(out, dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - a learner's bug is a wrong answer
             print(f"mask {h}x{w}, f={f}: your function raised {type(e).__name__}: {e}")
             return False
         if got.shape != want.shape:
             print(f"Not quite: mask {h}x{w}, f={f}: expected shape {want.shape}, got "
-                  f"{got.shape}. Hint: one value per f x f block.")
+                  f"{got.shape}. Hint: one value per f x f block, (H/f, W/f).")
             return False
         if not np.array_equal(got, want):
-            print(f"Not quite: mask {h}x{w}, f={f}: wrong latent mask. Hint: binarise at 0.5, "
-                  f"then keep the top-left pixel of each f x f block.")
+            print(f"Not quite: mask {h}x{w}, f={f}: {int((got != want).sum())} of {want.size} "
+                  f"latent pixels differ. Hint: {_latent_mask_hint(got, mask, f)}.")
             return False
-    print("Right: binarised at 0.5, the top-left pixel of each block, for every case tried.")
+    print("Right: binarised at 0.5 (0.5 counts as masked), then the top-left pixel of each "
+          "f x f block, for every case tried.")
     return True

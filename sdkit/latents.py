@@ -14,10 +14,11 @@ previews use it). This module keeps:
 * ``slerp``: spherical interpolation (the right way to mix two noise latents);
 * ``unet_flops``: the UNet's floating-point operations for one step at a given latent
   size, the kit's one FLOP counter (notebook 06 reuses it);
-* ``brightness_correlations`` / ``check_brightness_channel``: notebook 04's exercise.
+* ``brightness_correlations`` / ``check_brightness_correlations``: notebook 04's exercise
+  (which latent channel carries brightness).
 
 Left out: training the VAE (notebook 11), the KL term and the posterior's variance beyond
-``sample=True``, tiled decoding of large images.
+``sample=True`` (which notebook 04 compares with the mean), tiled decoding of large images.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def unet_flops(unet, latent_shape, text_shape) -> int:
 
 def brightness_correlations(vae, n_images: int = 64, seed: int = 0) -> torch.Tensor:
     """Correlation of each latent channel with brightness (the mean of R, G, B averaged over
-    the f x f pixels each latent pixel stands for), over ``n_images`` toy pictures: (C,).
+    the f x f pixels each latent pixel stands for), over the latent pixels of ``n_images``
+    toy pictures (``shapes.make_dataset(n_images, seed=seed)``, 64 px): (C,).
     Cached per model and arguments, so the exercise checker answers at once after the first call.
 
     Introduced in notebooks/04_vae_latents.ipynb.
@@ -145,44 +147,84 @@ def brightness_correlations(vae, n_images: int = 64, seed: int = 0) -> torch.Ten
     vae_scale_factor(vae)  # checks that it is a VAE
     n_images = checks.check_int("n_images", n_images, 2, 10_000)
     seed = checks.check_seed(seed)
-    return _brightness_cached(vae, n_images, seed).clone()
+    return _brightness_cached(vae, n_images, seed)[0].clone()
+
+
+def _correlations(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each channel of z (n, C, h, w) with target (n, h, w): (C,)."""
+    zc = z.permute(1, 0, 2, 3).reshape(z.shape[1], -1).double()  # (C, n*h*w)
+    b = target.reshape(1, -1).double()
+    zc, b = zc - zc.mean(1, keepdim=True), b - b.mean()
+    return ((zc * b).sum(1) / (zc.norm(dim=1) * b.norm())).float()
 
 
 @functools.lru_cache(maxsize=8)
-def _brightness_cached(vae, n_images: int, seed: int) -> torch.Tensor:
-    images = shapes.make_dataset(n_images, seed=seed)[0]  # (n, 64, 64, 3) uint8
-    z = encode(vae, images).float().cpu()  # (n, C, h, w)
-    bright = F.avg_pool2d(to_tensor(images).mean(1, keepdim=True), vae_scale_factor(vae))
-    zc = z.permute(1, 0, 2, 3).reshape(z.shape[1], -1)  # (C, n*h*w)
-    b = bright.reshape(1, -1)
-    zc, b = zc - zc.mean(1, keepdim=True), b - b.mean()
-    return (zc * b).sum(1) / (zc.norm(dim=1) * b.norm())
+def _brightness_cached(vae, n_images: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """The correlations, and what the usual mistakes give instead: name -> (C,) tensor."""
+    pictures = shapes.make_dataset(n_images, seed=seed)[0]  # (n, 64, 64, 3) uint8
+    z = encode(vae, pictures).float().cpu()  # (n, C, h, w)
+    f = vae_scale_factor(vae)
+    x = to_tensor(pictures)  # (n, 3, 64, 64) in [-1, 1]
+    bright = F.avg_pool2d(x.mean(1, keepdim=True), f)[:, 0]  # (n, h, w)
+    right = _correlations(z, bright)
+    zc = z - z.mean((0, 2, 3), keepdim=True)
+    wrong = {  # what a usual mistake gives -> what to say about it
+        "These are absolute values: keep the sign, it says whether the channel goes up or down "
+        "with brightness.": right.abs(),
+        "This looks like the covariance: a correlation is the covariance divided by both "
+        "standard deviations.": (zc * (bright - bright.mean())[:, None]).mean((0, 2, 3)),
+        "This looks like one pixel of each f x f patch (a stride): average the whole patch "
+        "(F.avg_pool2d).": _correlations(z, x.mean(1)[:, ::f, ::f]),
+        "This looks like the red channel only: brightness is the mean of R, G and B.":
+            _correlations(z, F.avg_pool2d(x[:, :1], f)[:, 0]),
+        "This looks like the average of 64 per-picture correlations: correlate over all "
+        "latent pixels of all pictures at once.":
+            torch.stack([_correlations(z[i:i + 1], bright[i:i + 1]) for i in range(len(z))])
+            .nanmean(0),
+    }
+    return right, wrong
 
 
-def check_brightness_channel(answer, vae) -> bool:
-    """Checker for notebook 04's exercise: the index of the latent channel most correlated
-    with brightness, positively or negatively (largest absolute correlation). Prints
-    whether ``answer`` is right (with a hint if not) and returns True or False.
+def _numbers(t: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:+.3f}" for v in t.tolist()) + "]"
+
+
+def check_brightness_correlations(answer, vae) -> bool:
+    """Checker for notebook 04's exercise: the correlation of each latent channel with
+    brightness over the 64 pictures ``shapes.make_dataset(64, seed=0)`` (``answer``: C numbers,
+    a tensor, list or array, in channel order; see ``brightness_correlations``). Prints whether
+    it is right, with a hint about the usual mistakes if not, and which channel carries
+    brightness; returns True or False and never raises on an answer.
 
     Introduced in notebooks/04_vae_latents.ipynb.
     """
-    corr = brightness_correlations(vae)
-    expected = int(corr.abs().argmax())
+    right, wrong = _brightness_cached(vae, 64, 0)
     if answer is None:
-        print("Not answered yet: set `answer` to a channel index (an int).")
+        print("not solved yet: set `brightness_corr` to one correlation per latent channel.")
         return False
-    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
-        answer = answer.item()
-    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
-        print(f"answer={answer!r}: expected an int channel index.")
+    if torch.is_tensor(answer):
+        answer = answer.detach().cpu().numpy()
+    try:
+        got = torch.as_tensor(np.asarray(answer, dtype=np.float64)).float().flatten()
+    except (TypeError, ValueError, RuntimeError):
+        print(f"brightness_corr = {answer!r}: expected {len(right)} numbers (a tensor or a list).")
         return False
-    if not 0 <= int(answer) < len(corr):
-        print(f"answer={answer}: the latents have channels 0 to {len(corr) - 1}.")
+    if got.shape != right.shape:
+        print(f"Expected {len(right)} numbers, one per latent channel; got {got.numel()}.")
         return False
-    if int(answer) == expected:
-        print(f"Right: channel {expected} (correlation {corr[expected]:+.2f} with brightness).")
+    if torch.allclose(got, right, atol=2e-3):
+        c = int(right.abs().argmax())
+        print(f"Right: {_numbers(right)}. Channel {c} carries brightness (correlation "
+              f"{right[c]:+.2f}: the {'lighter' if right[c] > 0 else 'darker'} a patch, the "
+              f"higher channel {c}).")
         return True
-    print(f"answer={answer} is not it (its correlation is {corr[int(answer)]:+.2f}). "
-          f"Hint: correlate each channel with the image's brightness averaged down to the "
-          f"latent grid, and compare absolute values.")
+    hint = next((why for why, values in wrong.items()
+                 if torch.allclose(got, values, atol=2e-3)), None)
+    if hint is None and (got.abs() > 1 + 1e-6).any():
+        hint = "A correlation lies in [-1, 1]: divide the covariance by both standard deviations."
+    print(f"Not yet: {_numbers(got)} is off by up to "
+          f"{(got - right).abs().max():.3f}. "
+          + (hint or "Hint: encode the 64 pictures with images.encode, average the brightness "
+             "over each f x f patch (F.avg_pool2d) and correlate each channel with it over all "
+             "latent pixels (torch.corrcoef)."))
     return False

@@ -6,6 +6,8 @@ captioned with a rare identifier ("a sks triangle on the left"), on the model's 
 (``finetune.diffusion_loss``). Pictures the model itself drew for the class word, trained
 on alongside (prior preservation), keep that word meaning what it meant. The pipeline you
 pass in is left exactly as it was; the matrices are saved as safetensors.
+``check_sd15_lora_bytes`` is notebook 09's exercise: the file size of such a LoRA for SD 1.5,
+worked out from the shapes of its UNet.
 
 Left out: full DreamBooth (all UNet weights), LoRA on the text encoder, merging adapters
 into the weights, several adapters at once.
@@ -17,12 +19,14 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import checks, finetune, pipeline
+from . import checks, finetune, generation, pipeline
 from .checks import fail
 
 # What LoRA adapts: the attention projections (diffusers' DreamBooth-LoRA default) and the
@@ -153,3 +157,86 @@ def load_lora(pipe, path):
         fail("path", str(path), f"keys that fit no LoRA layer: {result.unexpected_keys[:3]}")
     unet.requires_grad_(False)
     return finetune._rebuild(pipe, unet=unet.eval())
+
+
+# ------------------------------------------------------------------------------ exercise
+
+
+def _sd15_lora_sizes(r: int = 4) -> dict[str, int]:
+    """Numbers of a rank-``r`` LoRA on SD 1.5's attention projections, counted from the shapes
+    of its UNet built on the meta device: all of it, only the A or only the B matrices, the
+    self- or the cross-attention layers alone, without ``to_out.0``, the full matrices W, and
+    with the ResNet convolutions too."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**generation.SD15_UNET)
+    sizes = dict.fromkeys(("all", "a", "b", "attn1", "attn2", "no_out", "full"), 0)
+    for name, m in unet.named_modules():
+        if not isinstance(m, torch.nn.Linear) or not name.endswith(ATTENTION_TARGETS):
+            continue
+        a, b = r * m.in_features, r * m.out_features  # A is (r, in), B is (out, r)
+        sizes["all"] += a + b
+        sizes["a"] += a
+        sizes["b"] += b
+        sizes["attn1" if ".attn1." in name else "attn2"] += a + b
+        sizes["no_out"] += 0 if name.endswith("to_out.0") else a + b
+        sizes["full"] += m.in_features * m.out_features
+    sizes["with_convs"] = lora_parameter_count(unet, r, LORA_TARGETS)
+    return sizes
+
+
+def check_sd15_lora_bytes(answer) -> bool:
+    """Notebook 09's exercise: how many bytes do the tensors of a rank-4 LoRA on every
+    ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` of SD 1.5's UNet take in float16?
+
+    ``answer``: an int number of bytes, or None (not solved yet). Prints whether it is right,
+    with a hint on the typical mistakes (float32, counting only A or only B, one kind of
+    attention layer, the convolutions too, ...); returns True or False and never raises.
+
+    Introduced in notebooks/09_fine_tuning.ipynb.
+    """
+    if answer is None:
+        print("Not solved yet: set lora_fp16_bytes to the bytes of the LoRA's tensors (an int).")
+        return False
+    if torch.is_tensor(answer) and answer.numel() == 1:
+        answer = answer.item()
+    n = _sd15_lora_sizes(4)
+    right = 2 * n["all"]
+    if isinstance(answer, (float, np.floating)) and 0 < answer < 1e4:
+        print(f"lora_fp16_bytes={answer!r}: expected bytes as an int; that looks like MB or MiB. "
+              "Hint: leave the answer in bytes.")
+        return False
+    if isinstance(answer, (float, np.floating)) and float(answer).is_integer():
+        answer = int(answer)
+    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
+        print(f"lora_fp16_bytes={answer!r}: expected an int number of bytes.")
+        return False
+    answer = int(answer)
+    if answer == right:
+        print(f"Right: {n['all']:,} numbers (r x (in + out) for each of the 128 projections) "
+              f"x 2 bytes = {right:,} bytes ({right / 2**20:.2f} MiB). The safetensors header "
+              "adds a few KB of names and shapes; in float32 the same LoRA is twice as big.")
+        return True
+    mistakes = [
+        (4 * n["all"], "that is float32 (4 bytes a number), or rank 8; float16 takes 2"),
+        (n["all"], "that is the number of parameters; each takes 2 bytes in float16"),
+        (2 * n["a"], "you counted only the A matrices (r x in); B (out x r) is stored too"),
+        (2 * n["b"], "you counted only the B matrices (out x r); A (r x in) is stored too"),
+        (4 * n["a"], "only the A matrices, and in float32"),
+        (4 * n["b"], "only the B matrices, and in float32"),
+        (2 * n["attn1"], "that is the self-attention layers (attn1) only; cross-attention "
+                         "(attn2) has the four projections too"),
+        (2 * n["attn2"], "that is the cross-attention layers (attn2) only; self-attention "
+                         "(attn1) has the four projections too"),
+        (2 * n["no_out"], "you left out to_out.0, the output projection of each attention"),
+        (2 * n["with_convs"], "that includes the ResNet convolutions (the notebook's LoRA "
+                              "adapts them too); the question asks for the attention projections"),
+        (2 * n["full"], "that is the full matrices W; LoRA stores only A and B"),
+        (right // 4, "that is rank 1; the question asks for rank 4"),
+    ]
+    hints: dict[int, str] = {}
+    for value, why in mistakes:  # some counts coincide (A alone = attn2 alone for SD 1.5)
+        hints[value] = f"{hints[value]}; or {why}" if value in hints else why
+    hint = hints.get(answer, "count r x in (A) + out x r (B) for every nn.Linear whose name ends "
+                             "with to_q, to_k, to_v or to_out.0, then 2 bytes a number")
+    print(f"Not quite: {answer:,} bytes. Hint: {hint}.")
+    return False

@@ -14,7 +14,8 @@ the parts later notebooks reuse:
 * the forward process written out: ``add_noise`` (closed form) and ``forward_chain`` (one
   step at a time), both tested against diffusers;
 * ``noise_slider``: an ipywidgets slider over t;
-* ``check_snr_exercise``: the checker of notebook 01's exercise.
+* ``check_snr_crossing``: the checker of notebook 01's exercise (where the toy's SNR
+  meets SD 1.5's terminal SNR).
 
 Left out: the reverse (denoising) process, which is notebook 02's, and the continuous-time
 (SDE) view of diffusion.
@@ -251,28 +252,81 @@ def noise_slider(x0: torch.Tensor, scheduler, noise: torch.Tensor | None = None,
 # ------------------------------------------------------------------------------ exercise
 
 
-def check_snr_exercise(answer, pipe) -> bool:
-    """Checker for notebook 01's exercise: the first timestep at which the signal-to-noise
-    ratio ``abar_t / (1 - abar_t)`` of the model's training schedule drops below 1.
-    Prints whether ``answer`` is right (with a hint if not) and returns True or False.
+def _sd_terminal_snr() -> float:
+    """SD 1.5's terminal SNR ``abar_999 / (1 - abar_999)`` on its training schedule
+    (scaled_linear betas from 0.00085 to 0.012, 1000 steps): the least signal it trains on."""
+    a = DDPMScheduler(num_train_timesteps=1000, **SCHEDULES["scaled_linear"]).alphas_cumprod
+    a_T = a[-1].double()
+    return float(a_T / (1 - a_T))
+
+
+def _first_t_at_or_below(snr: torch.Tensor, threshold: float) -> int | None:
+    hits = torch.nonzero(snr <= threshold)
+    return int(hits[0]) if len(hits) else None
+
+
+def check_snr_crossing(answer, pipe) -> bool:
+    """Checker for notebook 01's exercise: the first timestep t of the model's *training*
+    schedule (``training_scheduler(pipe)``) whose SNR ``abar_t / (1 - abar_t)`` is at or below
+    SD 1.5's terminal SNR (about 0.0047). From there on the model trains on noise
+    levels SD 1.5 never sees. Prints whether ``answer`` is right, with a hint about the usual
+    mistakes if not, and returns True or False; never raises on an answer.
 
     Introduced in notebooks/01_forward_noising.ipynb.
     """
     a = training_scheduler(pipe).alphas_cumprod.double()
-    expected = int(torch.nonzero(a / (1 - a) < 1)[0])
+    snr = a / (1 - a)
+    n = len(a)
+    target = _sd_terminal_snr()
+    expected = _first_t_at_or_below(snr, target)
     if answer is None:
-        print("Not answered yet: set `answer` to a timestep (an int).")
+        print("not solved yet: set `t_cross` to a timestep (an int).")
         return False
-    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+    if torch.is_tensor(answer) and answer.numel() == 1 and not answer.is_floating_point():
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
-        print(f"answer={answer!r}: expected an int timestep.")
+        print(f"t_cross = {answer!r}: expected an int timestep in [0, {n - 1}], not the SNR "
+              "itself (or a float).")
         return False
-    if int(answer) == expected:
-        print(f"Right: from t = {expected} on, there is more noise than signal (SNR < 1, "
-              f"ᾱ_t < 0.5).")
+    answer = int(answer)
+    if expected is None:  # cannot happen for a schedule that ends at or below SD's
+        print(f"This model's SNR never drops to SD 1.5's terminal SNR ({target:.4g}).")
+        return False
+    if answer == expected:
+        print(f"Right: t = {expected}. From there to t = {n - 1} ({n - expected} of {n} steps) "
+              f"the model trains on as little signal as SD 1.5 ever sees, or less (SD's "
+              f"terminal SNR {target:.4g}, log SNR {math.log(target):.2f}).")
         return True
-    hint = "too early" if answer < expected else "too late"
-    print(f"answer={answer} is {hint}. Hint: SNR < 1 means ᾱ_t < 1/2; look for the first t "
-          f"where that holds, e.g. with torch.nonzero.")
+    sqrt_snr = snr.sqrt()
+    log = torch.log(a) - torch.log1p(-a)
+    sd_linear = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                              beta_start=0.00085, beta_end=0.012).alphas_cumprod[-1].double()
+    mistakes = {  # the answer each usual mistake gives -> what to say about it
+        expected - 1: f"one too early: at t = {expected - 1} the SNR is {snr[expected - 1]:.4g}, "
+                      f"still above {target:.4g}. The question asks for the first t at or below.",
+        expected + 1: f"one too late: at t = {expected} the SNR is already {snr[expected]:.4g} "
+                      f"<= {target:.4g}. diffusers counts t from 0.",
+        _first_t_at_or_below(log, target): "that is where the toy's *log* SNR drops below SD's "
+                      "SNR (also the first t with SNR < 1): compare SNR with SNR, or log SNR "
+                      "with log SNR.",
+        _first_t_at_or_below(sqrt_snr, target): "that compares sqrt(SNR) (the amplitude ratio "
+                      "sqrt(ᾱ)/sqrt(1 - ᾱ)) with the SNR, a power ratio: use ᾱ/(1 - ᾱ) on both "
+                      "sides.",
+        _first_t_at_or_below(snr, target ** 0.5): "that compares the SNR with SD's sqrt(SNR): "
+                      "use ᾱ/(1 - ᾱ) on both sides.",
+        _first_t_at_or_below(snr, float(sd_linear / (1 - sd_linear))): "that is SD with *linear* "
+                      "betas; SD 1.5 uses beta_schedule='scaled_linear' (sqrt(β) is linear).",
+        n - 1: "that is this model's last step (where the toy's SNR is 0). SD's terminal SNR is "
+               "not 0: build SD's schedule from its own numbers (scaled_linear, 0.00085 to "
+               "0.012), not from this model's config or its sampler (whose ᾱ_999 is 2**-24).",
+    }
+    mistakes.pop(expected, None)
+    if answer in mistakes:
+        print(f"t_cross = {answer} is not it: {mistakes[answer]}")
+    else:
+        side = "too early" if answer < expected else "too late"
+        print(f"t_cross = {answer} is {side}. Hint: SD's terminal SNR is ᾱ_999/(1 - ᾱ_999) on "
+              "its scaled_linear schedule; find the first t where this model's training "
+              "schedule (training_scheduler(pipe).alphas_cumprod) has ᾱ_t/(1 - ᾱ_t) <= it, "
+              "e.g. with torch.nonzero.")
     return False

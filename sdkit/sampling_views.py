@@ -1,6 +1,7 @@
 """Looking at runs of the denoising loop (notebook 02): a trajectory's pictures step by step
 and as an animation, how far each step's guess of x_0 is from the end result, the samplers
-compared over numbers of steps, and the checker of notebook 02's exercise.
+compared over numbers of steps, and the checker of notebook 02's exercise (x_0 from a
+v-prediction).
 
 The loop itself and its record (``sample``, ``Trajectory``) are ``sdkit.sampling``'s; this
 module only runs ``sample`` and draws what it recorded.
@@ -19,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import checks
-from .sampling import SCHEDULER_NAMES, Trajectory, predicted_x0, sample
+from .sampling import SCHEDULER_NAMES, Trajectory, sample
 
 # ----------------------------------------------------------------------------- samplers compared
 
@@ -154,39 +155,84 @@ def distance_to_final(traj: Trajectory, item: int = 0) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- exercise
 
+_V_MISTAKES = {  # what a usual wrong formula computes -> what to say about it
+    "sqrt(1 - a) x_t - sqrt(a) v": (lambda x, v, a: (1 - a).sqrt() * x - a.sqrt() * v,
+                                    "the two coefficients are swapped"),
+    "sqrt(a) x_t + sqrt(1 - a) v": (lambda x, v, a: a.sqrt() * x + (1 - a).sqrt() * v,
+                                    "the sign of the v term is wrong"),
+    "(x_t - sqrt(1 - a) v) / sqrt(a)": (lambda x, v, a: (x - (1 - a).sqrt() * v) / a.sqrt(),
+                                        "that is the epsilon formula with v in place of epsilon; "
+                                        "v is not the noise"),
+    "a x_t - (1 - a) v": (lambda x, v, a: a * x - (1 - a) * v,
+                          "the coefficients need square roots: x_t mixes sqrt(a) x_0 and "
+                          "sqrt(1 - a) eps"),
+}
 
-def check_pred_x0_exercise(answer, traj: Trajectory, step: int, item: int = 0) -> bool:
-    """Checker for notebook 02's exercise: your predicted x_0 at ``step`` from x_t and the
-    guided model output, compared with ``traj.pred_x0[step, item]``.
 
-    ``answer``: a tensor (C, h, w), or None (not attempted: prints a hint). Prints what is
-    wrong and returns False, or prints "correct" and returns True.
+def check_pred_x0_from_v(fn, traj: Trajectory | None = None) -> bool:
+    """Checker for notebook 02's exercise: ``fn(x_t, v, alpha_bar)`` must return the clean
+    latents x_0 that a v-prediction implies (v = sqrt(a) eps - sqrt(1 - a) x_0 with
+    x_t = sqrt(a) x_0 + sqrt(1 - a) eps, a = ``alpha_bar``, a 0-d tensor).
+
+    Tried on made-up latents whose x_0 is known, at a from 0.999 down to 0 (the toy's t = T),
+    and, for a v-prediction ``traj``, on its middle step against ``traj.pred_x0``. Prints what
+    is right or wrong, with a hint about the usual mistakes, and returns True or False; a
+    ``fn`` that is None, returns None or raises is reported, never raised.
 
     Introduced in notebooks/02_reverse_denoising.ipynb.
     """
-    step = checks.check_int("step", step, 0, Trajectory.checked(traj).num_inference_steps - 1)
-    item = checks.check_int("item", item, 0, traj.batch_size - 1)
-    want = traj.pred_x0[step, item]
-    if answer is None:
-        print("Not attempted yet. Hint: a = traj.alphas_cumprod[step]; the guided output is "
-              "traj.noise_pred()[step]; for v-prediction x_0 = sqrt(a) x_t - sqrt(1 - a) v.")
+    if fn is None:
+        print("not solved yet: define pred_x0_from_v(x_t, v, alpha_bar).")
         return False
-    if not torch.is_tensor(answer):
-        print(f"Expected a torch tensor of shape {tuple(want.shape)}, got {type(answer).__name__}.")
+    if not callable(fn):
+        print(f"Expected a function pred_x0_from_v(x_t, v, alpha_bar), got {type(fn).__name__}.")
         return False
-    answer = answer.detach().float().cpu()
-    if answer.shape != want.shape:
-        print(f"Expected shape {tuple(want.shape)} (one image's latents), "
-              f"got {tuple(answer.shape)}.")
-        return False
-    err = (answer - want).abs().max().item()
-    if err > 1e-4 * max(1.0, want.abs().max().item()):
-        unguided = predicted_x0(traj.vp_latents()[step, item], traj.noise_pred_cond[step, item],
-                                traj.alphas_cumprod[step], traj.prediction_type)
-        hint = (" It matches the *conditional* output's x_0: use the guided prediction."
-                if (answer - unguided).abs().max().item() < 1e-4 else "")
-        print(f"Not yet: max |difference| = {err:.3g}.{hint} Check which of sqrt(a) and "
-              f"sqrt(1 - a) multiplies x_t ({traj.prediction_type}).")
-        return False
-    print(f"Correct: max |difference| = {err:.2g}.")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((2, 4, 8, 8), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    for a_value in (0.999, 0.7, 0.3, 0.01, 0.0):
+        a = torch.tensor(a_value)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        try:
+            got = fn(x_t.clone(), v.clone(), a.clone())
+        except Exception as e:  # a learner's bug: report it
+            print(f"pred_x0_from_v raised {type(e).__name__}: {e} (at alpha_bar = {a_value}).")
+            return False
+        if got is None:
+            print("not solved yet: pred_x0_from_v returns None (replace the `...`).")
+            return False
+        if not torch.is_tensor(got) or got.shape != x0.shape:
+            print(f"Expected a tensor shaped like x_t {tuple(x0.shape)}, got "
+                  f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}.")
+            return False
+        err = (got.float() - x0).abs().max().item()
+        if not err < 1e-4:  # also catches nan
+            hint = next((f" It computes {name}: {why}." for name, (wrong, why) in
+                         _V_MISTAKES.items() if torch.allclose(got.float(), wrong(x_t, v, a),
+                                                               atol=1e-4, equal_nan=True)), "")
+            print(f"Not yet: at alpha_bar = {a_value} your x_0 is off by up to {err:.3g}.{hint} "
+                  "Hint: write x_0 = c1 x_t + c2 v, put in x_t and v in terms of x_0 and eps, "
+                  "and choose c1 and c2 so that the eps terms cancel and the x_0 terms add up "
+                  "to x_0 (sqrt(a)^2 + sqrt(1 - a)^2 = 1 helps).")
+            return False
+    note = ""
+    if traj is not None and Trajectory.checked(traj).prediction_type == "v_prediction":
+        k = traj.num_inference_steps // 2
+        x_t, a = traj.vp_latents()[k, 0], traj.alphas_cumprod[k]
+        try:
+            mine = fn(x_t.clone(), traj.noise_pred()[k, 0], a.clone())
+            err = (mine.float() - traj.pred_x0[k, 0]).abs().max().item()
+        except Exception as e:  # e.g. a function that only works on the made-up shapes
+            print(f"Right on made-up latents, but on step {k} of traj it raised "
+                  f"{type(e).__name__}: {e}.")
+            return False
+        if not err < 1e-4:
+            print(f"Right on made-up latents, but on step {k} of traj it is off by {err:.3g}: "
+                  "pass the guided prediction traj.noise_pred()[k] and x_t as the UNet saw it.")
+            return False
+        note = f" On step {k} of traj it gives traj.pred_x0[{k}] (max difference {err:.1g})."
+    print("Right: x_0 = sqrt(a) x_t - sqrt(1 - a) v, exact on made-up latents from a = 0.999 "
+          f"down to a = 0, where it gives -v.{note} The epsilon formula divides by sqrt(a) "
+          "instead: at zero SNR it has no answer, one reason the toy model predicts v.")
     return True

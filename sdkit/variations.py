@@ -346,33 +346,72 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
     return out
 
 
+def _info_nce_mistakes(img, txt, s) -> list[tuple[torch.Tensor, str]]:
+    """The losses of the typical wrong versions of InfoNCE, each with what went wrong."""
+    labels = torch.arange(len(img))
+    u, v = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = s.exp() * u @ v.T
+    raw = s.exp() * img @ txt.T  # not normalised: dot products, not cosines
+    return [
+        (F.cross_entropy(logits, labels), "only the rows (image -> text); CLIP averages that "
+                                          "with the columns (text -> image)"),
+        (F.cross_entropy(logits.T, labels), "only the columns (text -> image); CLIP averages "
+                                            "that with the rows (image -> text)"),
+        (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels),
+         "the sum of the two cross-entropies; CLIP takes their mean"),
+        ((F.cross_entropy(raw, labels) + F.cross_entropy(raw.T, labels)) / 2,
+         "the embeddings are not normalised: the logits must be cosines (unit vectors) "
+         "times the scale"),
+        ((F.cross_entropy(s * u @ v.T, labels) + F.cross_entropy(s * v @ u.T, labels)) / 2,
+         "logit_scale is a log-temperature: multiply by exp(logit_scale), not logit_scale"),
+        ((F.cross_entropy(u @ v.T, labels) + F.cross_entropy(v @ u.T, labels)) / 2,
+         "the scale is missing: multiply the cosines by exp(logit_scale)"),
+    ]
+
+
 def check_info_nce_answer(fn) -> bool:
     """Exercise checker: ``fn(image_embeds, text_embeds, logit_scale)`` must compute CLIP's
     symmetric InfoNCE loss as ``info_nce`` does, on random batches. Prints what is right or
-    wrong (with a hint); returns a bool.
+    wrong, with a hint naming the typical mistake it recognises (one direction only, no
+    normalisation, the scale without exp, ...); returns a bool. A learner's exception is a
+    wrong answer (reported, not raised); a function returning None is not solved yet.
 
     Introduced in notebooks/10_image_variations.ipynb.
     """
     if not callable(fn):
-        checks.fail("fn", fn, "expected a function (image_embeds, text_embeds, logit_scale)")
-    hint = ("Hint: normalise both, logits = exp(logit_scale) * img @ txt.T, and average the "
-            "cross-entropies of the rows and of the columns.")
+        print(f"Not solved yet: expected a function my_info_nce(image_embeds, text_embeds, "
+              f"logit_scale), got {type(fn).__name__}.")
+        return False
+    hint = ("Hint: unit vectors, logits = exp(logit_scale) x cosines (B, B), the right partner "
+            "on the diagonal, in both directions.")
     g = torch.Generator().manual_seed(0)
-    for b, d, s in ((4, 8, 0.0), (16, 128, float(np.log(1 / 0.07))), (7, 3, 2.0)):
-        img, txt = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
-        want = info_nce(img, txt, torch.tensor(s))
+    for b, d, s in ((4, 8, 0.5), (16, 128, float(np.log(1 / 0.07))), (7, 3, 2.0)):
+        img, txt = 3 * torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+        s = torch.tensor(s)
+        want = info_nce(img, txt, s)
         try:
-            got = fn(img, txt, torch.tensor(s))
+            got = fn(img.clone(), txt.clone(), s.clone())
         except Exception as e:  # a learner's bug is a wrong answer, not a crash of the checker
             print(f"Your function raised {type(e).__name__}: {e}. {hint}")
             return False
         if got is None:
-            print(f"Not answered yet: your function returns None. {hint}")
+            print("Not solved yet: my_info_nce returns None. Write the loss of the formula "
+                  "above and run this cell again.")
             return False
-        got = torch.as_tensor(got, dtype=torch.float32)
-        if got.numel() != 1 or not torch.allclose(got.reshape(()), want, atol=1e-5):
-            shown = f"{got.item():.5f}" if got.numel() == 1 else f"shape {tuple(got.shape)}"
-            print(f"Not yet: for B={b}, D={d} the loss is {want.item():.5f}, yours {shown}. {hint}")
+        try:
+            got = torch.as_tensor(got, dtype=torch.float32).detach()
+        except Exception:
+            print(f"Expected one number (a 0-d tensor), got {type(got).__name__}. {hint}")
+            return False
+        if got.numel() != 1:
+            print(f"Expected the loss, one number; yours has shape {tuple(got.shape)} "
+                  f"(the logits?). {hint}")
+            return False
+        if not torch.allclose(got.reshape(()), want, atol=1e-5):
+            why = next((w for v, w in _info_nce_mistakes(img, txt, s)
+                        if torch.allclose(got.reshape(()), v, atol=1e-5)), None)
+            print(f"Not yet: for B={b}, D={d} the loss is {want.item():.5f}, yours "
+                  f"{got.item():.5f}. " + (f"Hint: {why}." if why else hint))
             return False
     print("Right: that is CLIP's symmetric InfoNCE loss.")
     return True

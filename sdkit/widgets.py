@@ -39,6 +39,9 @@ Stable CSS class names, for browser tests (e.g. Playwright in JupyterLab) and st
 ``sdkit-error``        the last error message, empty when all is well
 =====================  =============================================================
 
+Also here: ``replay``, ``guidance_sweep`` and ``plot_sweep``, and ``check_rescale``, the
+checker of notebook 05's exercise (guidance rescale, Lin et al., 2024).
+
 Left out: threads (the exact image is computed right after the preview in the same
 callback, so nbval and scripts see deterministic results), image-to-image and
 multi-prompt weighting.
@@ -54,6 +57,7 @@ from collections import OrderedDict
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -123,8 +127,9 @@ class GuidancePanel:
     Display it as the last expression of a cell (``panel``) or with ``display(panel)``.
     Drive it from code by setting widget values (``panel.guidance_slider.value = 7.5``):
     the same callback runs as for a slider moved by hand. ``panel.status_mode`` is
-    "exact", "exact (cached)", "approximate preview" or "error"; ``panel.timings`` holds the
-    seconds the last update took.
+    "exact", "exact (cached)", "approximate preview" or "error"; ``panel.error_text`` the
+    error line as plain text ("" when all is well); ``panel.timings`` holds the seconds the
+    last update took.
 
     Introduced in notebooks/05_guidance_and_widgets.ipynb.
     """
@@ -195,7 +200,7 @@ class GuidancePanel:
         self._runs: OrderedDict = OrderedDict()  # key -> {guidance: Trajectory}
         self._embeds: OrderedDict = OrderedDict()  # (prompt, negative) -> (cond, uncond)
         self.trajectory: sampling.Trajectory | None = None
-        self.status_mode = ""
+        self.status_mode = self.error_text = ""  # error_text: the error line as plain text
         self.timings: dict[str, float] = {}
         self._update()  # the first image; a bad prompt (or seed, ...) raises here
         for w in (self.prompt_box, self.negative_box, self.guidance_slider, self.steps_slider,
@@ -234,6 +239,7 @@ class GuidancePanel:
             self._update()
         except Exception as e:  # shown in the panel: a notebook callback must not die
             self.status_mode = "error"
+            self.error_text = f"{type(e).__name__}: {e}"
             self.error.value = (f"<span style='color:#b00020'><b>{type(e).__name__}:</b> "
                                 f"{html.escape(str(e))}</span>")
         return self.status_mode
@@ -258,7 +264,7 @@ class GuidancePanel:
             if self.exact or not runs:
                 self._show(self._run(st), "exact")
                 self.timings["exact_s"] = time.perf_counter() - t0
-        self.error.value = ""
+        self.error.value = self.error_text = ""
 
     def _run(self, st: dict) -> sampling.Trajectory:
         """The loop for these settings, from cached text embeddings when the prompt was seen
@@ -349,41 +355,78 @@ def plot_sweep(results: dict, row_labels=None, scale: float = 1.6):
     return fig
 
 
-def check_combine_exercise(fn, trials: int = 5, seed: int = 0) -> bool:
-    """Checker for notebook 05's exercise: ``fn(uncond, cond, s)`` must return the guided
-    prediction ``uncond + s * (cond - uncond)`` for random tensors and scales (s = 0, 1 and
-    random ones up to 15). Prints what is right or wrong (with a hint) and returns True or
-    False; a wrong answer never raises. None means "not attempted yet".
+def _rescale_variants(cfg, text, phi) -> dict:
+    """The typical mistakes of notebook 05's exercise, each computed, with its hint."""
+    def per(x, dims):
+        return x.std(dim=dims, keepdim=True)
+
+    def blend(r, c=cfg):
+        return phi * r + (1 - phi) * c
+
+    every = list(range(1, cfg.ndim))
+    return {
+        "one std over the whole batch: take it per image, over every dim but the batch "
+        "(dim=list(range(1, x.ndim)), keepdim=True)": blend(cfg * text.std() / cfg.std()),
+        "one std per channel: take it over every dim but the batch, channels included":
+            blend(cfg * per(text, every[1:]) / per(cfg, every[1:])),
+        "the std over the channels only: take it over every dim but the batch":
+            blend(cfg * per(text, [1]) / per(cfg, [1])),
+        "guidance_rescale applied the wrong way round: 1 keeps only the rescaled prediction, "
+        "0 is plain CFG": (1 - phi) * cfg * per(text, every) / per(cfg, every) + phi * cfg,
+        "the ratio upside down: scale the guided prediction by std(text) / std(cfg)":
+            blend(cfg * per(cfg, every) / per(text, every)),
+        "the rescaled prediction was not blended with noise_cfg by guidance_rescale":
+            cfg * per(text, every) / per(cfg, every),
+    }
+
+
+def check_rescale(fn, seed: int = 0) -> bool:
+    """Checker for notebook 05's exercise: ``fn(noise_cfg, noise_pred_text, guidance_rescale)``
+    must return guidance rescale (Lin et al., 2024, section 3.4) as diffusers'
+    ``rescale_noise_cfg`` computes it, on random batches whose images and channels have
+    different spreads, for guidance_rescale 0, 1, 0.7 and 0.3. Prints what is right or wrong,
+    naming the typical mistake it sees (std over the wrong dims, the blend the wrong way
+    round, the ratio upside down), and returns True or False; a wrong answer never raises.
+    None, or a function that returns None: not solved yet.
 
     Introduced in notebooks/05_guidance_and_widgets.ipynb.
     """
-    trials = checks.check_int("trials", trials, 1, 100)
     g = torch.Generator("cpu").manual_seed(checks.check_seed(seed))
-    if fn is None:
-        print("Not attempted yet. Hint: s = 0 must give uncond, s = 1 must give cond.")
+    if fn is None or not callable(fn):
+        print("Exercise not solved yet: define my_rescale(noise_cfg, noise_pred_text, "
+              "guidance_rescale)." if fn is None else
+              f"Not yet: expected a function, got {type(fn).__name__}.")
         return False
-    if not callable(fn):
-        print(f"Not yet: expected a function fn(uncond, cond, s) -> tensor, got "
-              f"{type(fn).__name__}.")
-        return False
-    scales = [0.0, 1.0] + (torch.rand(trials, generator=g) * 15).tolist()
-    for s in scales:
-        uncond = torch.randn(2, 4, 8, 8, generator=g)
-        cond = torch.randn(2, 4, 8, 8, generator=g)
+    for phi in (0.7, 0.0, 1.0, 0.3):
+        spread = torch.tensor([0.5, 1.0, 3.0]).view(3, 1, 1, 1) * torch.tensor(
+            [1.0, 2.0, 0.5, 4.0]).view(1, 4, 1, 1)  # images and channels of different spread
+        text = torch.randn(3, 4, 8, 8, generator=g) * spread
+        cfg = 3 * text - 2 * torch.randn(3, 4, 8, 8, generator=g) * spread.flip(0)
+        want = rescale_noise_cfg(cfg, text, phi)
         try:
-            got = fn(uncond.clone(), cond.clone(), s)
+            got = fn(cfg.clone(), text.clone(), phi)
         except Exception as e:  # the learner's code: report, don't crash the notebook
-            print(f"Your function raised {type(e).__name__}: {e}")
+            print(f"Not yet: your function raised {type(e).__name__}: {e}"
+                  + (" (does the std keep its dims, keepdim=True, so that it broadcasts "
+                     "against noise_cfg?)" if isinstance(e, RuntimeError) else ""))
             return False
-        want = sampling.combine(uncond, cond, s)
+        if got is None:
+            print("Exercise not solved yet: my_rescale returned None (return the tensor).")
+            return False
         if not torch.is_tensor(got) or got.shape != want.shape:
-            print(f"Expected a tensor of shape {tuple(want.shape)}, got "
-                  f"{getattr(got, 'shape', type(got).__name__)}.")
+            print(f"Not yet: expected a tensor of shape {tuple(want.shape)} (noise_cfg's), got "
+                  f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}. Did "
+                  "the std keep its dims (keepdim=True)?")
             return False
-        if not torch.allclose(got.to(want.dtype), want, atol=1e-5, rtol=1e-5):
-            which = ("s = 0 should give uncond exactly" if s == 0 else
-                     "s = 1 should give cond" if s == 1 else f"wrong at s = {s:.2f}")
-            print(f"Not yet: {which} (max |difference| {(got - want).abs().max().item():.3g}).")
+        if not torch.allclose(got.to(want.dtype), want, atol=1e-5, rtol=1e-4):
+            close = [h for h, v in _rescale_variants(cfg, text, phi).items()
+                     if got.shape == v.shape and torch.allclose(got.to(v.dtype), v, atol=1e-5)]
+            print(f"Not yet at guidance_rescale = {phi:g} (max |difference| "
+                  f"{(got - want).abs().max().item():.3g}). "
+                  + (f"It looks like {close[0]}." if close else
+                     "Hint: match the spread of the conditional (text) prediction, not of the "
+                     "guided or the unconditional one; one std per image; then blend."))
             return False
-    print(f"Correct on {len(scales)} random cases, s = 0 and s = 1 included.")
+    print("Correct: your rescale matches diffusers' rescale_noise_cfg at guidance_rescale 0, "
+          "0.3, 0.7 and 1 (std's Bessel correction cancels in the ratio, so either is fine).")
     return True

@@ -6,6 +6,8 @@ of tests/test_bad_inputs.py's table."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
@@ -17,7 +19,6 @@ from sdkit.attention import (
     AttentionStore,
     capture_io,
     check_head_weights,
-    check_token_index,
     collect_pointing,
     cross_attention_by_hand,
     peak_inside,
@@ -216,19 +217,6 @@ def test_token_indices(tokenizer):
     assert "".join(prompt_tokens(tokenizer, "a purple star")[i] for i in pieces) == "purple"
 
 
-def test_check_token_index_prints_and_returns_a_bool(tokenizer, capsys):
-    p = "a red circle on the left"
-    assert check_token_index(3, tokenizer, p, "circle")
-    assert check_token_index(np.int64(3), tokenizer, p, "circle")
-    assert check_token_index(torch.tensor(3), tokenizer, p, "circle")
-    capsys.readouterr()
-    assert not check_token_index(2, tokenizer, p, "circle")
-    assert "start token" in capsys.readouterr().out  # the off-by-one hint
-    for wrong in (None, "3", [3, 4], np.arange(3), 3.5):  # never raises on a wrong answer
-        assert check_token_index(wrong, tokenizer, p, "circle") is False
-        assert capsys.readouterr().out
-
-
 # ----------------------------------------------------------------------------- pointing
 
 
@@ -272,33 +260,91 @@ def test_collect_pointing_images_are_the_pipelines(tiny_pipe):
 
 @pytest.mark.timeout(300, func_only=True)
 def test_pointing_rate_of_the_toy_model(toy_pipe):
-    """The model card's figure on the first eval prompts, with the card's seeds (notebook 03:
-    16 of 16 objects hit on the first 16)."""
+    """The model card's figure on the first eval prompts (one-object ones), with the card's
+    seeds: every object found is hit (notebook 03 measures one- and two-object prompts)."""
     prompts, seeds = shapes.eval_prompts(240)[:3], [10_000, 10_001, 10_002]
     figs = pointing_rate(toy_pipe, prompts, seeds)
     assert figs == {"attention_pointing": 1.0, "attention_objects": 3}
 
 
-def test_check_head_weights(unet, inputs, capsys):
+SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
+    "03_text_and_cross_attention.py"
+
+
+@pytest.fixture(scope="module")
+def head_inputs(unet, inputs):
+    """The 8x8 level's first attn2 (2 heads of 16) and its inputs in one guided call."""
     attn = attn2_layers(unet)[1]
     with capture_io(attn) as calls, torch.no_grad():
         unet(*inputs)
-    x, ctx = calls[0]["hidden_states"], calls[0]["encoder_hidden_states"]
-    d = attn.to_q.out_features // attn.heads
-    q = attn.to_q(x)[0, :, d:2 * d]  # head 1 of item 0: (HW, d)
-    k = attn.to_k(ctx)[0, :, d:2 * d]  # (T, d)
-    right = (q @ k.T / d**0.5).softmax(-1)
-    assert check_head_weights(right.detach(), attn, x, ctx, head=1)
-    assert check_head_weights(right.detach().numpy(), attn, x, ctx, head=1)
-    assert not check_head_weights((q @ k.T / (attn.heads * d) ** 0.5).softmax(-1).detach(),
-                                  attn, x, ctx, head=1)
-    assert "1/sqrt(d)" in capsys.readouterr().out
-    assert not check_head_weights(right.T.detach(), attn, x, ctx, head=1)
-    assert "shape" in capsys.readouterr().out
-    assert not check_head_weights((q @ k.T).detach(), attn, x, ctx, head=1)  # no softmax
-    assert "sum to 1" in capsys.readouterr().out
-    for wrong in (None, "weights", [[1, 2], [3]]):  # never raises on a wrong answer
-        assert check_head_weights(wrong, attn, x, ctx, head=1) is False
+    return attn, calls[0]["hidden_states"], calls[0]["encoder_hidden_states"]
+
+
+def test_head_weights_checker_accepts_the_reference_solution(head_inputs, capsys):
+    attn, x, ctx = head_inputs
+    namespace = {"attn": attn, "x": x, "ctx": ctx, "torch": torch}  # what the notebook has
+    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
+    assert check_head_weights(namespace["my_head_weights"], attn, x, ctx, head=1) is True
+    assert "Correct" in capsys.readouterr().out
+    right = namespace["my_head_weights"](attn, x, ctx, 1).detach()
+    assert check_head_weights(right, attn, x, ctx, head=1) is True  # a tensor answer too
+    assert check_head_weights(right.numpy(), attn, x, ctx, head=1) is True
+
+
+def _wrong(kind):
+    """Plausible wrong answers to notebook 03's exercise, as functions."""
+    def fn(attn, x, ctx, head):
+        d = attn.to_q.out_features // attn.heads
+        cols = slice(head * d, (head + 1) * d)
+        if kind == "head-0":  # the first head's slice whatever `head` says
+            cols = slice(0, d)
+        q, k = attn.to_q(x)[0, :, cols], attn.to_k(ctx)[0, :, cols]
+        scores = q @ k.T
+        if kind == "width":  # scaled by the layer's width instead of the head's size
+            return (scores / attn.to_q.out_features ** 0.5).softmax(-1)
+        if kind == "no-softmax":
+            return scores / d ** 0.5
+        if kind == "softmax-over-pixels":
+            return (scores / d ** 0.5).softmax(0)
+        if kind == "transposed":
+            return (scores / d ** 0.5).softmax(-1).T
+        return (scores / d ** 0.5).softmax(-1)
+    return fn
+
+
+@pytest.mark.parametrize("kind, hint", [("width", "1/sqrt(d)"), ("head-0", "slice"),
+                                        ("no-softmax", "sum to 1"),
+                                        ("softmax-over-pixels", "softmax over the last axis"),
+                                        ("transposed", "shape")])
+def test_head_weights_checker_rejects_plausible_mistakes_with_a_hint(head_inputs, capsys, kind,
+                                                                     hint):
+    attn, x, ctx = head_inputs
+    assert check_head_weights(_wrong(kind), attn, x, ctx, head=1) is False
+    out = capsys.readouterr().out
+    assert "Not quite" in out and hint in out, out
+
+
+def test_head_weights_checker_tries_random_inputs_too(head_inputs, capsys):
+    """A copy of the result on the layer's inputs is not a function of the inputs."""
+    attn, x, ctx = head_inputs
+    copied = cross_attention_by_hand(attn, x, ctx)[1][0, 1]
+    assert check_head_weights(copied, attn, x, ctx, head=1) is True  # as a tensor: right
+    assert check_head_weights(lambda *args: copied, attn, x, ctx, head=1) is False
+    assert "on random inputs" in capsys.readouterr().out
+
+
+def test_head_weights_checker_unsolved_and_broken_answers(head_inputs, capsys):
+    attn, x, ctx = head_inputs
+
+    def unsolved(attn, x, ctx, head):
+        ...
+
+    for answer in (None, unsolved):
+        assert check_head_weights(answer, attn, x, ctx, head=1) is False
+        assert "not solved yet" in capsys.readouterr().out.lower()
+    for wrong in ("weights", [[1, 2], [3]], lambda *a: 1 / 0, lambda *a: "text"):
+        assert check_head_weights(wrong, attn, x, ctx, head=1) is False  # never raises
+        assert "Not quite" in capsys.readouterr().out
 
 
 def test_show_word_maps(tokenizer):

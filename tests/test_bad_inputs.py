@@ -731,8 +731,6 @@ CASES = [
          Refused("noise_level", "1000])", "expected ints in [0, 999]"), needs_unclip=True),
     # a checker never raises on a wrong answer (tests/test_variations.py), but a non-function
     # is no answer: it is refused
-    Case("info-nce-checker-not-a-function", lambda c: variations.check_info_nce_answer(42),
-         Refused("fn", "42", "a function (image_embeds, text_embeds, logit_scale)")),
     # ---- training and evaluation (notebook 11)
     Case("make-unet-channels-30", lambda c: training.make_unet((30,)),
          Refused("block_out_channels", "(30,)", "multiples of 16 in [16, 1024]")),
@@ -765,8 +763,6 @@ CASES = [
     Case("model-card-without-the-figures", lambda c: evaluation._write_model_card(
         _model_folder(c), {"n_prompts": 8}),
          Refused("figs", "['n_prompts']", "expected evaluate's figures; missing ['vae_psnr_db'")),
-    Case("v-target-checker-not-a-function", lambda c: evaluation.check_v_target(42),
-         Refused("fn", "42", "a function (z0, noise, alphas_cumprod, t)")),
     # ---- shapes
     Case("parse-caption-unknown-colour", lambda c: shapes.parse_caption(
         "a pink circle on the left"),

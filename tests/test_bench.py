@@ -3,6 +3,7 @@ and its results table. (Bad inputs: tests/test_bad_inputs.py.)"""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,17 +94,45 @@ def test_parameter_counts_are_the_shipped_files_tensors(toy_pipe):
     assert generation.parameter_counts(toy_pipe) == saved
 
 
-def test_fp16_bytes_checker(tiny_pipe, capsys):
-    counts = generation.parameter_counts(tiny_pipe)
-    assert set(counts) == {"unet", "vae", "text_encoder"}
-    n = counts["unet"]
-    assert generation.check_fp16_bytes(tiny_pipe, 2 * n) is True
+# ------------------------------------------------------------------------------ the exercise
+
+SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
+    "06_full_generation.py"
+
+
+def test_reference_solution_passes_the_fp16_checker(capsys):
+    namespace = {}  # the solution imports what it reads
+    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
+    assert generation.check_sd15_fp16_mib(namespace["sd15_fp16_mib"]) is True
     assert "Right" in capsys.readouterr().out
-    for wrong, hint in ((4 * n, "float32"), (n, "number of weights"), (None, "Not answered"),
-                        ("2 bytes", "expected an int")):
-        assert generation.check_fp16_bytes(tiny_pipe, wrong) is False
-        assert hint in capsys.readouterr().out
-    assert generation.check_fp16_bytes(tiny_pipe, 2 * counts["vae"], part="vae")
+    # within 1 MiB counts (a learner may round)
+    assert generation.check_sd15_fp16_mib(round(namespace["sd15_fp16_mib"])) is True
+
+
+def test_fp16_checker_rejects_the_typical_mistakes_with_a_hint(capsys):
+    counts = generation.sd15_parameter_counts()
+    n = sum(counts.values())
+    for wrong, hint in (
+            (n * 4 / 2**20, "float32"),  # 4 bytes per weight
+            (n * 2 / 1e6, "MB (10**6 bytes)"),  # MB, not MiB
+            (counts["unet"] * 2 / 2**20, "vae and text_encoder are left out"),  # the UNet only
+            ((counts["unet"] + counts["vae"]) * 2 / 2**20, "text_encoder is left out"),
+            (n * 4 / 1e6, "float32"),  # two mistakes at once: both named
+            (n * 2, "that is bytes"),
+            (1234.0, "sd15_parameter_counts()")):  # no known mistake: how to compute it
+        assert generation.check_sd15_fp16_mib(wrong) is False, wrong
+        out = capsys.readouterr().out
+        assert "Not quite" in out and hint in out, (wrong, out)
+    generation.check_sd15_fp16_mib(n * 4 / 1e6)
+    assert "MB" in capsys.readouterr().out
+
+
+def test_fp16_checker_unsolved_and_bad_answers_print_and_never_raise(capsys):
+    assert generation.check_sd15_fp16_mib(None) is False
+    assert "not solved yet" in capsys.readouterr().out
+    for bad in ("2034", True, float("nan"), [2034]):
+        assert generation.check_sd15_fp16_mib(bad) is False
+        assert "expected a number of MiB" in capsys.readouterr().out
 
 
 def test_peak_memory_counts_bytes():

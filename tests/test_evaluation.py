@@ -69,28 +69,6 @@ def test_figures_and_record_are_empty_for_a_folder_without_them(tmp_path):
     assert pipeline.training_info(tmp_path) == {"recipe": {"unet_steps": 3}}
 
 
-def _v_right(z0, noise, ac, t):
-    a, b = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
-    return a * noise - b * z0
-
-
-@pytest.mark.parametrize("fn, said", [
-    (lambda z0, noise, ac, t: noise, "Not yet"),  # the epsilon target, not v
-    (lambda z0, noise, ac, t: None, "Not answered yet"),
-    (lambda z0, noise, ac, t: (noise - z0).mean(0), "Expected a tensor of shape"),
-    (lambda z0, noise, ac, t: 1 / 0, "raised ZeroDivisionError"),
-])
-def test_v_target_checker_says_what_is_wrong_and_never_raises(fn, said, capsys):
-    assert evaluation.check_v_target(fn) is False
-    out = capsys.readouterr().out
-    assert said in out and "Hint" in out
-
-
-def test_v_target_checker_accepts_the_right_answer(capsys):
-    assert evaluation.check_v_target(_v_right) is True
-    assert "Right" in capsys.readouterr().out
-
-
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         evaluation._main(["--help"])

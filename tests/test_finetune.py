@@ -6,16 +6,18 @@ Bad inputs are rows of tests/test_bad_inputs.py's table."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from safetensors import safe_open
 
-from sdkit import finetune, hypernetwork, lora, pipeline, shapes, textual_inversion
+from sdkit import finetune, generation, hypernetwork, lora, pipeline, shapes, textual_inversion
 
 
 @pytest.fixture(scope="module")
@@ -372,13 +374,44 @@ def test_success_rate_generates_one_picture_per_seed(pipe):
 # ------------------------------------------------------------------------------ exercise
 
 
-def test_exercise_checker(pipe, capsys):
-    assert finetune.check_exercise(None, pipe.text_encoder) is False
-    assert finetune.check_exercise(32 * len(pipe.tokenizer), pipe.text_encoder) is False
-    assert "whole embedding matrix" in capsys.readouterr().out
-    assert finetune.check_exercise(31, pipe.text_encoder) is False
-    assert finetune.check_exercise("32", pipe.text_encoder) is False  # a str, not an int
-    assert "Hint" in capsys.readouterr().out
-    assert finetune.check_exercise(torch.tensor(32), pipe.text_encoder) is True
-    assert finetune.check_exercise(32, pipe.text_encoder) is True
+SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
+
+
+def test_sd15_lora_checker_accepts_the_reference_solution(capsys):
+    namespace = {"torch": torch}  # what notebook 09 has at its exercise, the rest it imports
+    exec((SOLUTIONS / "09_fine_tuning.py").read_text(encoding="utf-8"), namespace)
+    assert namespace["lora_fp16_bytes"] == 1_594_368  # 797,184 numbers: diffusers' known count
+    assert lora.check_sd15_lora_bytes(namespace["lora_fp16_bytes"]) is True
     assert "Right" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, said", [
+    (3_188_736, "float32"),  # 4 bytes a number
+    (797_184, "number of parameters"),  # numbers, not bytes
+    (795_648, "only the A matrices"),  # r x in for each layer, B forgotten (= attn2 alone)
+    (798_720, "only the B matrices"),  # (= attn1 alone)
+    (597_504 * 2, "left out to_out.0"),
+    (2 * 2_755_584, "ResNet convolutions"),  # the notebook's own targets, convolutions too
+    (1.52, "MB or MiB"),  # the size in MiB
+    (1_000_000, "count r x in (A) + out x r (B)"),  # anything else: the general hint
+])
+def test_sd15_lora_checker_rejects_typical_mistakes_with_a_hint(wrong, said, capsys):
+    assert lora.check_sd15_lora_bytes(wrong) is False
+    out = capsys.readouterr().out
+    assert said in out and "Hint" in out
+
+
+def test_sd15_lora_checker_unsolved_and_odd_answers(capsys):
+    assert lora.check_sd15_lora_bytes(None) is False
+    assert "not solved yet" in capsys.readouterr().out.lower()
+    assert lora.check_sd15_lora_bytes("1594368") is False  # a str is no int; never raises
+    assert lora.check_sd15_lora_bytes(torch.tensor(1_594_368)) is True
+    assert lora.check_sd15_lora_bytes(1_594_368.0) is True  # a whole float is accepted
+
+
+def test_sd15_lora_sizes_agree_with_lora_parameter_count():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**generation.SD15_UNET)
+    n = lora._sd15_lora_sizes(4)
+    assert n["all"] == lora.lora_parameter_count(unet, 4, lora.ATTENTION_TARGETS) == 797_184
+    assert n["a"] + n["b"] == n["all"] == n["attn1"] + n["attn2"]

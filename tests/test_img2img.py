@@ -7,6 +7,8 @@ Bad inputs are rows of tests/test_bad_inputs.py's table.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,15 +107,53 @@ def test_img2img_leaves_the_pipelines_scheduler_alone(tiny_pipe, example):
     assert tiny_pipe.scheduler.timesteps is before
 
 
-def test_timesteps_checker_prints_and_never_raises(tiny_pipe, capsys):
-    def right(steps, strength):
+SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
+    "07_image_to_image.py"
+
+
+def _solution(pipe):
+    namespace = {"pipe": pipe}  # what the solution reads from the notebook
+    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
+    return namespace["my_timesteps"]
+
+
+def test_reference_solution_passes_the_timesteps_checker(tiny_pipe, capsys):
+    assert check_timesteps_answer(_solution(tiny_pipe), tiny_pipe) is True
+    assert "Right" in capsys.readouterr().out
+
+
+def test_timesteps_checker_rejects_the_typical_mistakes_with_a_hint(tiny_pipe, capsys):
+    def schedule(steps):
         full = type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config)
         full.set_timesteps(steps)
-        return full.timesteps[steps - int(steps * strength):].tolist()
+        return full.timesteps.tolist()
 
-    assert check_timesteps_answer(right, tiny_pipe) is True
-    assert "Right" in capsys.readouterr().out
-    assert check_timesteps_answer(lambda steps, strength: right(steps, 1.0), tiny_pipe) is False
-    assert "Hint" in capsys.readouterr().out
+    wrong = {
+        # the first (noisiest) int(N * s) steps instead of the last
+        "first, noisiest": lambda n, s: schedule(n)[:int(n * s)],
+        # round() instead of int(): one step too many at e.g. 4 x 0.15 = 0.6
+        "rounds down": lambda n, s: schedule(n)[n - round(n * s):],
+        # timesteps[-k:] runs the whole schedule when k = 0
+        "timesteps[-0:]": lambda n, s: schedule(n)[-int(n * s):],
+        # off by one: one step more than int(N * s)
+        "steps from the end": lambda n, s: schedule(n)[max(n - int(n * s) - 1, 0):],
+    }
+    for hint, fn in wrong.items():
+        assert check_timesteps_answer(fn, tiny_pipe) is False, hint
+        out = capsys.readouterr().out
+        assert "Not quite" in out and hint in out, (hint, out)
+
+
+def test_timesteps_checker_unsolved_and_broken_answers_never_raise(tiny_pipe, capsys):
+    assert check_timesteps_answer(None, tiny_pipe) is False
+    assert "not solved yet" in capsys.readouterr().out
+
+    def unsolved(num_inference_steps, strength):  # the learner's cell as it ships
+        ...
+
+    assert check_timesteps_answer(unsolved, tiny_pipe) is False
+    assert "not solved yet" in capsys.readouterr().out
     assert check_timesteps_answer(lambda steps, strength: 1 / 0, tiny_pipe) is False
     assert "ZeroDivisionError" in capsys.readouterr().out
+    assert check_timesteps_answer([999, 899], tiny_pipe) is False
+    assert "is not a function" in capsys.readouterr().out

@@ -5,6 +5,7 @@ notebook's claims about the trained toy VAE. (Bad inputs: tests/test_bad_inputs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -108,19 +109,67 @@ def test_unet_flops_latent_vs_pixel(tiny_pipe):
 # ---------------------------------------------------------------- the exercise
 
 
+SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
+
+
+def reference_answer(vae) -> torch.Tensor:
+    namespace = {"vae": vae}  # what the solution reads from the notebook
+    exec((SOLUTIONS / "04_vae_latents.py").read_text(), namespace)
+    return namespace["brightness_corr"]
+
+
 @pytest.mark.parametrize("channel", [0, 2])
-def test_brightness_exercise_checker_finds_the_constructed_channel(channel, capsys):
-    vae = BrightnessVAE(channel)
-    corr = latents.brightness_correlations(vae, n_images=16)
+def test_brightness_correlations_find_the_constructed_channel(channel):
+    corr = latents.brightness_correlations(BrightnessVAE(channel), n_images=16)
     assert corr[channel].item() == pytest.approx(-1.0, abs=1e-5)  # minus brightness, exactly
     others = [c for c in range(4) if c != channel]
     assert corr[others].abs().max() < 0.3  # noise
-    assert latents.check_brightness_channel(channel, vae) is True
-    assert "Right" in capsys.readouterr().out
-    assert latents.check_brightness_channel(others[0], vae) is False
-    assert "Hint" in capsys.readouterr().out
-    for not_an_answer in (None, 7, -1, "2", 2.0):  # printed and False, never raised
-        assert latents.check_brightness_channel(not_an_answer, vae) is False
+
+
+@pytest.mark.parametrize("channel", [0, 2])
+def test_the_reference_solution_passes_the_checker(channel, capsys):
+    vae = BrightnessVAE(channel)
+    answer = reference_answer(vae)
+    assert answer[channel].item() == pytest.approx(-1.0, abs=1e-5)
+    assert latents.check_brightness_correlations(answer, vae) is True
+    out = capsys.readouterr().out
+    assert f"Channel {channel} carries brightness" in out and "darker" in out
+    assert latents.check_brightness_correlations(answer.tolist(), vae) is True  # a list will do
+
+
+def test_brightness_checker_names_the_usual_mistakes(capsys):
+    vae = BrightnessVAE(1)
+    pictures = shapes.make_dataset(64, seed=0)[0]
+    z = images.encode(vae, pictures).float()  # (64, 4, 16, 16)
+    x = images.to_tensor(pictures)
+
+    def corr(target):  # (64, 16, 16) -> (4,)
+        return torch.stack([torch.corrcoef(torch.stack([z[:, c].flatten(), target.flatten()]))[0, 1]
+                            for c in range(4)])
+
+    right = reference_answer(vae)
+    wrong = {
+        "absolute values": right.abs(),
+        "covariance": torch.stack([torch.cov(torch.stack([z[:, c].flatten(),
+                                                          F.avg_pool2d(x.mean(1), 4).flatten()]),
+                                             correction=0)[0, 1] for c in range(4)]),
+        "one pixel of each": corr(x.mean(1)[:, ::4, ::4]),
+        "red channel only": corr(F.avg_pool2d(x[:, 0], 4)),
+    }
+    for name, answer in wrong.items():
+        assert not torch.allclose(answer, right, atol=2e-3), name
+        assert latents.check_brightness_correlations(answer, vae) is False, name
+        assert name in capsys.readouterr().out, name
+    assert latents.check_brightness_correlations(right + 0.1, vae) is False
+    assert "Hint: encode the 64 pictures" in capsys.readouterr().out
+    assert latents.check_brightness_correlations(None, vae) is False
+    assert "not solved yet" in capsys.readouterr().out
+    for not_an_answer in ([0.1, 0.2], 3, torch.zeros(2, 4)):  # printed and False, never raised
+        assert latents.check_brightness_correlations(not_an_answer, vae) is False
+        assert "Expected 4 numbers" in capsys.readouterr().out
+    for not_a_number in ("abc", object(), [0.1, "x", 0.2, 0.3]):
+        assert latents.check_brightness_correlations(not_a_number, vae) is False
+        assert "expected 4 numbers" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the trained toy VAE
@@ -160,11 +209,13 @@ def test_latent_rgb_preview_beats_the_average_colour(toy_vae):
     assert decoder > preview, (decoder, preview)
 
 
-def test_toy_brightness_channel_agrees_with_numpy(toy_vae):
+def test_toy_brightness_correlations_agree_with_numpy(toy_vae, capsys):
     pictures = shapes.make_dataset(64, seed=0)[0]
     z = images.encode(toy_vae, pictures).float().numpy()  # (64, 4, 16, 16)
     brightness = pictures.astype(np.float64).mean(-1).reshape(64, 16, 4, 16, 4).mean((2, 4))
     corr = [np.corrcoef(z[:, c].ravel(), brightness.ravel())[0, 1] for c in range(4)]
-    best = int(np.argmax(np.abs(corr)))
-    assert abs(corr[best]) > 0.5  # some channel carries brightness
-    assert latents.check_brightness_channel(best, toy_vae) is True
+    assert np.abs(corr).max() > 0.5  # some channel carries brightness
+    assert np.allclose(latents.brightness_correlations(toy_vae).numpy(), corr, atol=1e-4)
+    assert latents.check_brightness_correlations(corr, toy_vae) is True
+    assert latents.check_brightness_correlations(reference_answer(toy_vae), toy_vae) is True
+    assert f"Channel {int(np.argmax(np.abs(corr)))} carries" in capsys.readouterr().out

@@ -4,6 +4,7 @@ the exercise checker give the numbers worked out by hand. (Bad inputs: tests/tes
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,29 +111,68 @@ def test_log_snr_values():
     assert out[3].item() == pytest.approx(math.log(1e-3 / (1 - 1e-3)))
 
 
-def test_snr_exercise_checker_on_a_schedule_worked_out_by_hand(capsys):
-    # constant beta with (1 - beta)^100.5 = 1/2: abar_t = 2^(-(t + 1) / 100.5) < 1/2 (SNR < 1)
-    # exactly when t + 1 > 100.5, so the answer is t = 100
-    beta = 1 - 0.5 ** (1 / 100.5)
-    schedule = DDPMScheduler(num_train_timesteps=300, trained_betas=[beta] * 300)
-    assert noising.check_snr_exercise(100, schedule) is True
-    assert noising.check_snr_exercise(np.int64(100), schedule) is True
-    assert noising.check_snr_exercise(torch.tensor(100), schedule) is True
+SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
+
+
+def sd_terminal_abar():
+    return float(noising.beta_schedules()["scaled_linear"].alphas_cumprod[-1])
+
+
+def test_snr_crossing_checker_on_a_schedule_worked_out_by_hand(capsys):
+    # SNR <= SNR_SD(999) <=> abar <= abar_SD(999), SNR being increasing in abar. A constant beta
+    # with (1 - beta)^400.5 = abar_SD(999) gives abar_t = (1 - beta)^(t + 1) <= abar_SD(999)
+    # exactly when t + 1 > 400.5: the answer is t = 400
+    beta = 1 - sd_terminal_abar() ** (1 / 400.5)
+    schedule = DDPMScheduler(num_train_timesteps=1000, trained_betas=[beta] * 1000)
+    for right in (400, np.int64(400), torch.tensor(400)):
+        assert noising.check_snr_crossing(right, schedule) is True
+    assert "Right: t = 400" in capsys.readouterr().out
+    assert noising.check_snr_crossing(399, schedule) is False
+    assert "one too early" in capsys.readouterr().out
+    assert noising.check_snr_crossing(401, schedule) is False
+    assert "one too late" in capsys.readouterr().out
+    assert noising.check_snr_crossing(None, schedule) is False
+    assert "not solved yet" in capsys.readouterr().out
+    for not_an_answer in ("400", 400.0, True, torch.tensor(400.0)):  # printed, never raised
+        assert noising.check_snr_crossing(not_an_answer, schedule) is False
+        assert "expected an int" in capsys.readouterr().out
+
+
+def test_the_reference_solution_passes_the_checker(tiny_pipe, capsys):
+    # the tiny pipeline carries the toy's scheduler: the toy's training schedule
+    namespace = {"pipe": tiny_pipe}
+    exec((SOLUTIONS / "01_forward_noising.py").read_text(), namespace)
+    assert isinstance(namespace["t_cross"], int)
+    assert noising.check_snr_crossing(namespace["t_cross"], tiny_pipe) is True
     assert "Right" in capsys.readouterr().out
-    assert noising.check_snr_exercise(99, schedule) is False
-    assert "too early" in capsys.readouterr().out
-    assert noising.check_snr_exercise(101, schedule) is False
-    assert "too late" in capsys.readouterr().out
-    for not_an_answer in (None, "100", 100.0, True):  # printed and False, never raised
-        assert noising.check_snr_exercise(not_an_answer, schedule) is False
-    assert "expected an int" in capsys.readouterr().out
 
 
-def test_snr_exercise_checker_on_the_toy_schedule(toy_sampler, toy_schedule):
-    a = toy_schedule.alphas_cumprod
-    first = next(t for t in range(len(a)) if a[t] < 0.5)  # SNR < 1 <=> abar < 1/2
-    assert noising.check_snr_exercise(first, toy_sampler) is True
-    assert noising.check_snr_exercise(first - 1, toy_sampler) is False
+def test_snr_crossing_checker_names_the_usual_mistakes(toy_sampler, toy_schedule, capsys):
+    a = toy_schedule.alphas_cumprod.double()
+    snr = a / (1 - a)
+    a_sd = torch.tensor(sd_terminal_abar(), dtype=torch.float64)
+    sd_snr = a_sd / (1 - a_sd)
+    first = lambda mask: int(torch.nonzero(mask)[0])  # noqa: E731
+    right = first(snr <= sd_snr)
+    assert 800 < right < 999  # the toy's SNR meets SD's least signal late, but before the end
+    assert noising.check_snr_crossing(right, toy_sampler) is True
+    capsys.readouterr()
+    log_snr = noising.log_snr(a)
+    lin = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012)
+    a_lin = lin.alphas_cumprod[-1].double()
+    wrong = {
+        right - 1: "one too early",  # the last t above, not the first at or below
+        first(log_snr <= sd_snr): "log",  # log SNR compared with SNR (the first t with SNR < 1)
+        first(snr.sqrt() <= sd_snr): "sqrt(SNR)",  # amplitude ratio against a power ratio
+        first(snr <= a_lin / (1 - a_lin)): "linear",  # SD's betas taken as linear
+        999: "2**-24",  # SD's schedule built from the toy's config or sampler
+    }
+    assert len(wrong) == 5 and right not in wrong
+    for answer, hint in wrong.items():
+        assert noising.check_snr_crossing(answer, toy_sampler) is False, answer
+        assert hint in capsys.readouterr().out, answer
+    assert noising.check_snr_crossing(right - 50, toy_sampler) is False
+    assert "too early. Hint" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- pictures and the slider

@@ -5,6 +5,8 @@ latents), so it needs no trained weights. (Bad inputs: tests/test_bad_inputs.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -212,19 +214,59 @@ def test_make_scheduler_names(pipe):
         assert sampling.scheduler_name(s) == name
 
 
-def test_exercise_checker(pipe, capsys):
+SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
+
+
+def reference_pred_x0_from_v():
+    namespace = {}  # the solution needs nothing from the notebook
+    exec((SOLUTIONS / "02_reverse_denoising.py").read_text(), namespace)
+    return namespace["pred_x0_from_v"]
+
+
+def test_the_reference_solution_passes_the_checker(pipe, capsys):
+    traj = sampling.sample(pipe, PROMPT, 0, 4, 3.0)  # the tiny pipeline predicts v, like the toy
+    fn = reference_pred_x0_from_v()
+    assert sampling_views.check_pred_x0_from_v(fn, traj) is True
+    assert "On step 2 of traj" in capsys.readouterr().out
+    assert sampling_views.check_pred_x0_from_v(fn) is True  # made-up latents only
+    x_t, v = torch.randn(3, 4, 4), torch.randn(3, 4, 4)  # and it is predicted_x0's formula
+    assert torch.allclose(fn(x_t, v, torch.tensor(0.3)),
+                          sampling.predicted_x0(x_t, v, 0.3, "v_prediction"), atol=1e-6)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda x, v, a: (1 - a).sqrt() * x - a.sqrt() * v, "swapped"),
+    (lambda x, v, a: a.sqrt() * x + (1 - a).sqrt() * v, "sign of the v term"),
+    (lambda x, v, a: (x - (1 - a).sqrt() * v) / a.sqrt(), "epsilon formula"),  # v taken for eps
+    (lambda x, v, a: a * x - (1 - a) * v, "square roots"),
+    (lambda x, v, a: a.sqrt() * x - (1 - a).sqrt() * v + 0.01, "Hint: write x_0 = c1 x_t"),
+])
+def test_checker_names_the_usual_mistakes(wrong, hint, capsys):
+    assert sampling_views.check_pred_x0_from_v(wrong) is False
+    assert hint in capsys.readouterr().out
+
+
+def test_checker_reports_unsolved_and_broken_answers_without_raising(pipe, capsys):
+    def unsolved(x_t, v, alpha_bar):
+        ...
+
+    for answer in (None, unsolved):
+        assert sampling_views.check_pred_x0_from_v(answer) is False
+        assert "not solved yet" in capsys.readouterr().out
+
+    def broken(x_t, v, alpha_bar):
+        return x_t.reshape(3, -1)  # a bug: 512 numbers do not split in 3
+
+    assert sampling_views.check_pred_x0_from_v(broken) is False
+    assert "raised RuntimeError" in capsys.readouterr().out
+    assert sampling_views.check_pred_x0_from_v(lambda x, v, a: x[0]) is False
+    assert "Expected a tensor shaped like x_t" in capsys.readouterr().out
+    assert sampling_views.check_pred_x0_from_v("x0") is False
+    assert "Expected a function" in capsys.readouterr().out
+    # right on made-up latents but not on the trajectory: the learner's function is not
+    # given the trajectory's inputs, so only a function that looks at its input's shape fails
+    fn = reference_pred_x0_from_v()
     traj = sampling.sample(pipe, PROMPT, 0, 4, 3.0)
-    step = 2
-    a = traj.alphas_cumprod[step]
-    x_t, v = traj.latents[step, 0], traj.noise_pred()[step, 0]
-    assert sampling_views.check_pred_x0_exercise(a.sqrt() * x_t - (1 - a).sqrt() * v, traj, step)
-    assert not sampling_views.check_pred_x0_exercise(None, traj, step)
-    wrong = (1 - a).sqrt() * x_t - a.sqrt() * v
-    assert not sampling_views.check_pred_x0_exercise(wrong, traj, step)
-    cond_only = a.sqrt() * x_t - (1 - a).sqrt() * traj.noise_pred_cond[step, 0]
-    assert not sampling_views.check_pred_x0_exercise(cond_only, traj, step)
-    assert "conditional" in capsys.readouterr().out
-    # answers that cannot be right are printed and refused, never raised
-    assert not sampling_views.check_pred_x0_exercise(x_t.numpy(), traj, step)
-    assert not sampling_views.check_pred_x0_exercise(x_t[None], traj, step)
-    assert "Expected" in capsys.readouterr().out
+    picky = lambda x, v, a: fn(x, v, a) if x.ndim == 4 else fn(x, v, a) + 1  # noqa: E731
+    assert sampling_views.check_pred_x0_from_v(picky, traj) is False
+    assert "on step 2 of traj it is off" in capsys.readouterr().out

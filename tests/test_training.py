@@ -1,9 +1,11 @@
 """sdkit.training: the recipe's parts (tokenizer, architectures, schedule, data, checkpoints,
-stages) and the shipped model in data/toy-sd that the recipe made."""
+stages) and the shipped model in data/toy-sd that the recipe made; and notebook 11's exercise
+checker (``evaluation.check_eps_from_v``) with its reference solution."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 
-from sdkit import pipeline, shapes, training
+from sdkit import evaluation, pipeline, shapes, training
 
 TOY = pipeline.TOY_DIR
 needs_model = pytest.mark.skipif(
@@ -174,3 +176,51 @@ def test_cli_lists_both_commands(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "python -m sdkit.training" in out and "train" in out and "finetune-decoder" in out
+
+
+# ------------------------------------------------------------------------------ the exercise
+
+SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
+    "11_training_from_scratch.py"
+
+
+def _ab(ac, t):
+    return ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+
+
+def test_eps_from_v_checker_accepts_the_reference_solution(capsys):
+    namespace = {"torch": torch}  # the solution needs nothing else of the notebook
+    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
+    assert evaluation.check_eps_from_v(namespace["eps_from_v"]) is True
+    assert "Right" in capsys.readouterr().out
+    # the same noise by way of z0-hat, dividing by sqrt(1 - alpha_bar) > 0: right too
+    def via_z0(z_t, v, ac, t):
+        a, b = _ab(ac, t)
+        return (z_t - a * (a * z_t - b * v)) / b
+
+    assert evaluation.check_eps_from_v(via_z0) is True
+
+
+@pytest.mark.parametrize("fn, said", [
+    (lambda z_t, v, ac, t: _ab(ac, t)[0] * z_t - _ab(ac, t)[1] * v, "that is x0-hat"),
+    (lambda z_t, v, ac, t: _ab(ac, t)[1] * v + _ab(ac, t)[0] * z_t, "swapped"),
+    (lambda z_t, v, ac, t: _ab(ac, t)[0] * v - _ab(ac, t)[1] * z_t, "sign"),
+    # through z0-hat from v, then epsilon from z0-hat dividing by sqrt(alpha_bar): nan at T
+    (lambda z_t, v, ac, t: (z_t - _ab(ac, t)[1] * v) / _ab(ac, t)[0], "not finite at t = [999]"),
+    (lambda z_t, v, ac, t: ac[t] * v + (1 - ac[t]) * z_t, "raised RuntimeError"),  # no view
+    (lambda z_t, v, ac, t: _ab(ac, t)[0] ** 2 * v + _ab(ac, t)[1] ** 2 * z_t, "square roots"),
+    (lambda z_t, v, ac, t: v.mean(0), "Expected a tensor of shape"),
+    (lambda z_t, v, ac, t: z_t, "Hint: write z_t and v"),  # right at t = T only
+])
+def test_eps_from_v_checker_rejects_typical_mistakes_with_a_hint(fn, said, capsys):
+    assert evaluation.check_eps_from_v(fn) is False
+    out = capsys.readouterr().out
+    assert said in out and "Hint" in out
+
+
+def test_eps_from_v_checker_unsolved(capsys):
+    def eps_from_v(z_t, v, alphas_cumprod, t):
+        ...  # the learner's cell as shipped
+
+    assert evaluation.check_eps_from_v(eps_from_v) is False
+    assert "not solved yet" in capsys.readouterr().out.lower()

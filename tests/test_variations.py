@@ -8,6 +8,7 @@ is skipped without it. Bad inputs are in tests/test_bad_inputs.py's table.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,20 +114,40 @@ def test_embedding_a_picture_equals_embedding_its_tensor(pipe):
     assert torch.equal(e, variations.embed_images(model, [im]))
 
 
-def _one_way(img, txt, s):
-    img, txt = (torch.nn.functional.normalize(v, dim=-1) for v in (img, txt))
+SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
+F = torch.nn.functional
+
+
+def _loss(logits):
+    return F.cross_entropy(logits, torch.arange(len(logits)))
+
+
+def _one_way(img, txt, s):  # rows only: image -> text, not symmetric
+    return _loss(s.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T)
+
+
+def _not_normalised(img, txt, s):  # dot products instead of cosines
     logits = s.exp() * img @ txt.T
-    return torch.nn.functional.cross_entropy(logits, torch.arange(len(img)))
+    return (_loss(logits) + _loss(logits.T)) / 2
 
 
-def test_exercise_checker_accepts_the_right_answer(capsys):
-    assert variations.check_info_nce_answer(variations.info_nce) is True
+def _scale_without_exp(img, txt, s):  # logit_scale used as the scale itself
+    logits = s * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    return (_loss(logits) + _loss(logits.T)) / 2
+
+
+def test_exercise_checker_accepts_the_reference_solution(capsys):
+    namespace = {"torch": torch, "F": F}  # what notebook 10 has imported at its exercise
+    exec((SOLUTIONS / "10_image_variations.py").read_text(encoding="utf-8"), namespace)
+    assert variations.check_info_nce_answer(namespace["my_info_nce"]) is True
     assert "Right" in capsys.readouterr().out
+    assert variations.check_info_nce_answer(variations.info_nce) is True
 
 
 @pytest.mark.parametrize("fn, said", [
-    (_one_way, "Not yet"),  # one direction only: not symmetric
-    (lambda img, txt, s: None, "Not answered yet"),
+    (_one_way, "only the rows"),
+    (_not_normalised, "not normalised"),
+    (_scale_without_exp, "exp(logit_scale), not logit_scale"),
     (lambda img, txt, s: img @ txt.T, "shape"),  # the logits, not the loss
     (lambda img, txt, s: img.nope, "raised AttributeError"),
 ])
@@ -134,6 +155,14 @@ def test_exercise_checker_says_what_is_wrong_and_never_raises(fn, said, capsys):
     assert variations.check_info_nce_answer(fn) is False
     out = capsys.readouterr().out
     assert said in out and "Hint" in out
+
+
+def test_exercise_checker_unsolved(capsys):
+    def my_info_nce(image_embeds, text_embeds, logit_scale):
+        ...  # the learner's cell as shipped
+
+    assert variations.check_info_nce_answer(my_info_nce) is False
+    assert "not solved yet" in capsys.readouterr().out.lower()
 
 
 needs_toy = pytest.mark.skipif(not (pipeline.TOY_DIR / "model_index.json").exists(),

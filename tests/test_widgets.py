@@ -6,6 +6,7 @@ and its error line are in tests/test_bad_inputs.py."""
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,15 +181,69 @@ def test_guidance_sweep_matches_sample_and_plots(pipe):
     assert [ax.get_title() for ax in fig.axes[:1]] == ["s = 0"] and len(fig.axes) == 4
 
 
-def test_combine_checker(capsys):
-    assert widgets.check_combine_exercise(lambda u, c, s: u + s * (c - u))
-    assert widgets.check_combine_exercise(lambda u, c, s: (1 - s) * u + s * c)
-    assert widgets.check_combine_exercise(lambda u, c, s: (u + s * (c - u)).double())
-    capsys.readouterr()
-    assert not widgets.check_combine_exercise(lambda u, c, s: c + s * (c - u))
-    assert "s = 0" in capsys.readouterr().out
-    assert not widgets.check_combine_exercise(lambda u, c, s: u + s * (u - c))
+SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
+    "05_guidance_and_widgets.py"
+
+
+def test_rescale_checker_accepts_the_reference_solution(capsys):
+    namespace = {"torch": torch}  # the solution uses tensors' own methods only
+    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
+    assert widgets.check_rescale(namespace["my_rescale"]) is True
+    assert "Correct" in capsys.readouterr().out
+    # the population std (unbiased=False) is as good: the correction cancels in the ratio
+    def biased(cfg, text, phi):
+        dims = list(range(1, cfg.ndim))
+        r = cfg * text.std(dims, keepdim=True, unbiased=False) / cfg.std(
+            dims, keepdim=True, unbiased=False)
+        return phi * r + (1 - phi) * cfg
+    assert widgets.check_rescale(biased) is True
+
+
+def _rescale(kind):
+    """Plausible wrong answers to notebook 05's exercise."""
+    def fn(cfg, text, phi):
+        dims = list(range(1, cfg.ndim))
+        if kind == "whole-batch":
+            ratio = text.std() / cfg.std()
+        elif kind == "per-channel":
+            ratio = text.std(dim=(2, 3), keepdim=True) / cfg.std(dim=(2, 3), keepdim=True)
+        elif kind == "upside-down":
+            ratio = cfg.std(dims, keepdim=True) / text.std(dims, keepdim=True)
+        else:
+            ratio = text.std(dims, keepdim=True) / cfg.std(dims, keepdim=True)
+        rescaled = cfg * ratio
+        if kind == "wrong-way-round":
+            return (1 - phi) * rescaled + phi * cfg
+        if kind == "no-blend":
+            return rescaled
+        if kind == "no-keepdim":
+            return cfg * text.std(dims) / cfg.std(dims)
+        if kind == "mean-not-std":  # no variant names it: the general hint
+            rescaled = cfg - cfg.mean(dims, keepdim=True) + text.mean(dims, keepdim=True)
+        return phi * rescaled + (1 - phi) * cfg
+    return fn
+
+
+@pytest.mark.parametrize("kind, hint", [
+    ("whole-batch", "per image"), ("per-channel", "per channel"),
+    ("wrong-way-round", "wrong way round"), ("upside-down", "upside down"),
+    ("no-blend", "not blended"), ("no-keepdim", "raised"),
+    ("mean-not-std", "conditional (text) prediction")])
+def test_rescale_checker_rejects_plausible_mistakes_with_a_hint(capsys, kind, hint):
+    assert widgets.check_rescale(_rescale(kind)) is False
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet") and hint in out, out
+
+
+def test_rescale_checker_unsolved_and_broken_answers(capsys):
+    def unsolved(noise_cfg, noise_pred_text, guidance_rescale):
+        ...
+
+    for answer in (None, unsolved):
+        assert widgets.check_rescale(answer) is False
+        assert "not solved yet" in capsys.readouterr().out.lower()
     # a wrong answer of any kind: a message and False, never an exception
-    for wrong in (None, 42, "u + s * (c - u)", lambda u, c, s: 1 / 0, lambda u, c, s: 0.0):
-        assert widgets.check_combine_exercise(wrong) is False
-        assert capsys.readouterr().out
+    for wrong in (42, "cfg * ratio", lambda c, t, p: 1 / 0, lambda c, t, p: 0.0,
+                  lambda c, t, p: c[0]):
+        assert widgets.check_rescale(wrong) is False
+        assert capsys.readouterr().out.startswith("Not yet")
