@@ -123,6 +123,15 @@ def dummy_components_factory():
 
 
 @pytest.fixture(scope="session")
+def example():
+    """A drawn one-shape scene (``shapes.make_example(3, n_objects=1)``): the picture the
+    editing tests (img2img, inpainting) start from."""
+    from sdkit import shapes
+
+    return shapes.make_example(3, n_objects=1)
+
+
+@pytest.fixture(scope="session")
 def toy_pipe():
     """The kit's toy pipeline (sdkit.pipeline.load_pipeline(), CPU float32), loaded once.
 

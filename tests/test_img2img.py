@@ -16,19 +16,12 @@ from PIL import Image
 
 from sdkit import images, shapes
 from sdkit.img2img import check_timesteps_answer, img2img, truncated_timesteps
-from sdkit.pipeline import dpm_solver
+from sdkit.pipeline import dpm_solver, make_generators
 
 STEPS = 4
 PROMPT = "a blue triangle on the left"
 
 
-@pytest.fixture(scope="module")
-def example():
-    return shapes.make_example(3, n_objects=1)
-
-
-def _gen(seed):
-    return torch.Generator("cpu").manual_seed(seed)
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])
@@ -40,7 +33,7 @@ def test_img2img_equals_the_pipeline_bit_for_bit(tiny_pipe, example, strength):
     ref = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
     ref.set_progress_bar_config(disable=True)
     theirs = ref(PROMPT, image=Image.fromarray(example.image), strength=strength,
-                 num_inference_steps=STEPS, guidance_scale=4.0, generator=_gen(7),
+                 num_inference_steps=STEPS, guidance_scale=4.0, generator=make_generators(7),
                  output_type="latent").images
     assert ours.shape == (1, 4, 16, 16)
     assert torch.equal(ours, theirs)
@@ -53,7 +46,8 @@ def test_img2img_pictures_are_the_pipelines(tiny_pipe, example):
     ref = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
     ref.set_progress_bar_config(disable=True)
     theirs = ref(PROMPT, image=Image.fromarray(example.image), strength=0.5,
-                 num_inference_steps=STEPS, guidance_scale=4.0, generator=_gen(2)).images[0]
+                 num_inference_steps=STEPS, guidance_scale=4.0,
+                 generator=make_generators(2)).images[0]
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
@@ -74,7 +68,7 @@ def test_strength_zero_returns_the_vae_reconstruction(tiny_pipe, example):
     # pipeline would draw first with this seed
     out = img2img(tiny_pipe, example.image, PROMPT, 0.0, seed=3, num_inference_steps=STEPS,
                   output_type="np")
-    z = images.encode(tiny_pipe.vae, example.image, sample=True, generator=_gen(3))
+    z = images.encode(tiny_pipe.vae, example.image, sample=True, generator=make_generators(3))
     want = images.to_numpy(images.decode(tiny_pipe.vae, z))[0]
     assert out.shape == (64, 64, 3)
     np.testing.assert_array_equal(out, want)

@@ -26,19 +26,12 @@ from sdkit.inpainting import (
     outside_error,
     vae_reconstruction,
 )
-from sdkit.pipeline import dpm_solver
+from sdkit.pipeline import dpm_solver, make_generators
 
 STEPS = 4
 PROMPT = "a blue triangle on the left"
 
 
-@pytest.fixture(scope="module")
-def example():
-    return shapes.make_example(3, n_objects=1)
-
-
-def _gen(seed):
-    return torch.Generator("cpu").manual_seed(seed)
 
 
 def _mask(example, pixels=4):
@@ -61,7 +54,7 @@ def test_inpaint_equals_the_pipeline_bit_for_bit(tiny_pipe, example, strength):
     theirs = ref(PROMPT, image=Image.fromarray(example.image),
                  mask_image=Image.fromarray((mask * 255).astype(np.uint8)), strength=strength,
                  height=64, width=64, num_inference_steps=STEPS, guidance_scale=4.0,
-                 generator=_gen(5), output_type="latent").images
+                 generator=make_generators(5), output_type="latent").images
     assert torch.equal(ours, theirs)
 
 
@@ -72,7 +65,7 @@ def test_latent_blending_keeps_outside_latents_at_the_noised_original(tiny_pipe,
     inpaint(tiny_pipe, example.image, mask, PROMPT, seed=9, num_inference_steps=STEPS,
             output_type="latent", callback=lambda i, t, lat: seen.append(lat.clone()))
     # the same random numbers the function drew: posterior sample, then noise
-    g = _gen(9)
+    g = make_generators(9)
     image_latents = images.encode(tiny_pipe.vae, example.image, sample=True, generator=g)
     noise = torch.randn(image_latents.shape, generator=g)
     sampler = dpm_solver(tiny_pipe.scheduler.config)
