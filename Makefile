@@ -1,18 +1,24 @@
 # sdkit: everything a learner, teacher or CI machine needs, from only Python and make.
 #
-#   make lab              set up .venv (first time) and open JupyterLab on notebooks/
+#   make lab              set up .venv (first time) and open JupyterLab on workspace/, your own
+#                         copies of notebooks/ (git-ignored: running them leaves git status clean)
+#   make workspace        only copy new notebooks into workspace/ (never overwrites your edits)
+#   make reset-notebooks  fresh copies in workspace/ (yours move to workspace-old/DATE/)
 #   make test             set up .venv and run every unit test and every notebook (nbval lax)
+#   make test-browser     every notebook in JupyterLab through Chromium (screenshots, ~9 min)
 #   make lint             ruff check
 #   make clean-notebooks  strip outputs and execution counts from notebooks/*.ipynb
 #   make handout          handout/: the notebooks without their reference solutions
 #
 # Variables: PYTHON (python3), VENV (.venv), LAB_ARGS (e.g. --port 8899),
-# PYTEST_ARGS (e.g. notebooks/01_forward_noising.ipynb or -k device).
+# PYTEST_ARGS (e.g. notebooks/01_forward_noising.ipynb or -k device), WORKSPACE (workspace).
+# SDKIT_THREADS (e.g. 4, or auto) sets torch's CPU threads in every kernel (sdkit/threads.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 LAB_ARGS ?=
 PYTEST_ARGS ?=
+WORKSPACE ?= workspace
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -26,7 +32,7 @@ ifeq ($(shell id -u),0)
 ALLOW_ROOT := --allow-root
 endif
 
-.PHONY: setup lab test lint clean-notebooks strip handout
+.PHONY: setup lab test lint clean-notebooks strip handout workspace reset-notebooks
 
 setup: $(STAMP)
 
@@ -37,12 +43,69 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $@
 
-lab: $(STAMP)
-	@echo "Starting JupyterLab; open the http://127.0.0.1:... URL it prints below."
-	$(BIN)/jupyter lab notebooks/ $(NO_BROWSER) $(ALLOW_ROOT) $(LAB_ARGS)
+# The kit's JupyterLab settings (jupyter-config/README.md): no news pop-up, no update check.
+LAB_SETTINGS := --LabApp.app_settings_dir=$(CURDIR)/jupyter-config/lab/settings \
+	--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
+
+lab: $(STAMP) workspace
+	@echo "Starting JupyterLab on $(WORKSPACE)/; open the http://127.0.0.1:... URL it prints below."
+	$(BIN)/jupyter lab $(WORKSPACE)/ $(LAB_SETTINGS) $(NO_BROWSER) $(ALLOW_ROOT) $(LAB_ARGS)
+
+# The learner's copies (README "Your own copies"): notebooks/ (and notebooks/solutions/) copied
+# into $(WORKSPACE)/, which git ignores, so opening, running and autosaving never touch a tracked
+# file and `git pull` never conflicts. A file not there yet is copied; a copy still as it was
+# copied (checked against $(WORKSPACE)/.copied.json) follows notebooks/ after a `git pull`; a
+# copy the learner changed is kept, and named, if notebooks/ has moved on. Standard library only.
+define SYNC_WORKSPACE
+import hashlib, json, shutil, sys
+from pathlib import Path
+src, dst = Path("notebooks"), Path(sys.argv[1])
+record = dst / ".copied.json"
+copied = json.loads(record.read_text()) if record.is_file() else {}
+digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+new, updated, kept = [], [], []
+for f in sorted(src.rglob("*")):
+    rel = f.relative_to(src).as_posix()
+    if not f.is_file() or any(part.startswith(".") or part == "__pycache__" for part in f.parts):
+        continue
+    target, now = dst / rel, digest(f)
+    if not target.exists():
+        new.append(rel)
+    elif digest(target) == now:
+        copied[rel] = now
+        continue
+    elif copied.get(rel) == digest(target):
+        updated.append(rel)
+    else:
+        kept.append(rel)
+        continue
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(f, target)
+    copied[rel] = now
+dst.mkdir(exist_ok=True)
+record.write_text(json.dumps(copied, indent=1, sort_keys=True))
+print(f"{dst}/: {len(new)} new and {len(updated)} updated file(s) from notebooks/")
+for rel in kept:
+    print(f"  kept your edited {dst}/{rel}; notebooks/{rel} differs (make reset-notebooks for fresh copies)")
+endef
+export SYNC_WORKSPACE
+
+workspace:
+	@$(PYTHON) -c "$$SYNC_WORKSPACE" $(WORKSPACE)
+
+reset-notebooks:
+	@if [ -d $(WORKSPACE) ]; then old=$(WORKSPACE)-old/$$(date +%Y%m%d-%H%M%S); \
+		mkdir -p $(WORKSPACE)-old && mv $(WORKSPACE) $$old && echo "your copies moved to $$old/"; fi
+	@$(PYTHON) -c "$$SYNC_WORKSPACE" $(WORKSPACE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The browser test on every notebook (make test runs conftest.py's BROWSER_DEFAULT subset);
+# screenshots in test-artifacts/browser/<notebook>/.
+.PHONY: test-browser
+test-browser: $(STAMP)
+	SDKIT_BROWSER_NOTEBOOKS=all $(BIN)/python -m pytest tests/test_browser.py -s $(PYTEST_ARGS)
 
 # Library drift: the whole suite against the newest diffusers/transformers (and their
 # companions) that the package index offers, in a separate venv, torch kept at its pin via a

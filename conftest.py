@@ -17,6 +17,15 @@ The network is blocked by construction, in this process and in every notebook ke
 The same startup file runs every notebook with its exercise's reference solution applied
 (tests/exercise_solutions.py; ``SDKIT_APPLY_SOLUTIONS=0`` runs them as a learner gets them).
 The tests' fixtures (the tiny pipeline, the toy pipeline) are in tests/conftest.py.
+
+A clean screen (issue 16): every notebook cell nbval runs is also checked, in the same run,
+for stderr output and warnings that tests/allowed_output.py does not allow
+(``pytest_runtest_call`` below reads the outputs nbval collected for the cell); such a cell
+fails with the offending lines quoted.
+
+The browser test (tests/test_browser.py) runs the notebooks that ``SDKIT_BROWSER_NOTEBOOKS``
+names (a comma list of numbers, or ``all``; default ``BROWSER_DEFAULT``); the others are
+deselected here, and the report header says which ran.
 """
 
 import os
@@ -30,12 +39,25 @@ TESTS_DIR = REPO_DIR / "tests"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("MPLBACKEND", "Agg")
+if "MPLBACKEND" not in os.environ:
+    # plots off screen in this process only; not through the environment, which notebook
+    # kernels inherit: they keep Jupyter's inline backend, so figures render (and any warning
+    # drawing them prints shows) as on a learner's screen
+    import matplotlib
+
+    matplotlib.use("Agg")
 
 if str(TESTS_DIR) not in sys.path:  # test-only helpers (offline_guard, single_file) live here
     sys.path.insert(0, str(TESTS_DIR))
 
+import allowed_output  # noqa: E402
 import offline_guard  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
+
+try:
+    from nbval.plugin import IPyNbCell, NbCellError
+except ImportError:  # nbval missing: no notebook is collected, nothing to check
+    IPyNbCell = NbCellError = None
 
 # a handout (`make handout`) has no solutions/: its notebooks run as the learners get them
 default_apply = "1" if (REPO_DIR / "notebooks" / "solutions").is_dir() else "0"
@@ -67,12 +89,70 @@ os.environ[offline_guard.LOG_ENV] = str(_TEST_HOME / "network-blocked.log")
 offline_guard.block_network()
 
 
+# ------------------------------------------------------------------------------ a clean screen
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """After nbval ran a notebook cell without error, fail it if its outputs show stderr or a
+    warning that tests/allowed_output.py does not allow (nbval keeps the cell's outputs,
+    streams merged and carriage returns applied, in ``item.test_outputs``)."""
+    result = yield
+    if IPyNbCell is not None and isinstance(item, IPyNbCell):
+        bad = allowed_output.offending(item.test_outputs, item.path.name)
+        if bad:
+            raise NbCellError(item.cell_num, allowed_output.explain(bad, item.path.name),
+                              item.cell.source)
+    return result
+
+
+# ------------------------------------------------------------------------------ browser test
+
+# notebooks the browser test runs under `make test` (CI): the widget notebooks (02's steps
+# slider, 05's panel) and the quickest (00); `make test-browser` runs them all
+BROWSER_DEFAULT = "00,02,05"
+BROWSER_TEST = "tests/test_browser.py::test_notebook_in_browser["
+
+
+def browser_notebooks() -> tuple[list[str], list[str]]:
+    """(selected, deselected) notebook stems for tests/test_browser.py, from
+    ``SDKIT_BROWSER_NOTEBOOKS`` ('all', or numbers such as '0,5,11'; default BROWSER_DEFAULT)."""
+    stems = sorted(p.stem for p in (REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    raw = os.environ.get("SDKIT_BROWSER_NOTEBOOKS", "").strip() or BROWSER_DEFAULT
+    if raw.lower() == "all":
+        return stems, []
+    numbers = {int(n) for n in raw.replace(" ", "").split(",") if n.isdigit()}
+    words = [n for n in raw.replace(" ", "").split(",") if n and not n.isdigit()]
+    known = {int(s[:2]) for s in stems}
+    if words or not numbers or numbers - known:
+        raise pytest.UsageError(
+            f"SDKIT_BROWSER_NOTEBOOKS={raw!r} is not allowed: 'all' or a comma list of notebook "
+            f"numbers from {sorted(known)}")
+    return ([s for s in stems if int(s[:2]) in numbers],
+            [s for s in stems if int(s[:2]) not in numbers])
+
+
+def pytest_collection_modifyitems(config, items):
+    _, deselected = browser_notebooks()
+    drop = [i for i in items if i.nodeid.startswith(BROWSER_TEST)
+            and i.nodeid[len(BROWSER_TEST):-1] in deselected]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        dropped = {id(i) for i in drop}
+        items[:] = [i for i in items if id(i) not in dropped]
+
+
 # ------------------------------------------------------------------------------ reporting
 
 
 def pytest_report_header(config):
-    return (f"network: blocked outside loopback (tests/offline_guard.py) here and in kernels "
-            f"(IPYTHONDIR={os.environ['IPYTHONDIR']})")
+    selected, deselected = browser_notebooks()
+    return [f"network: blocked outside loopback (tests/offline_guard.py) here and in kernels "
+            f"(IPYTHONDIR={os.environ['IPYTHONDIR']})",
+            f"browser test: runs notebooks {', '.join(s[:2] for s in selected)}; deselects "
+            f"{', '.join(s[:2] for s in deselected) or 'none'} (SDKIT_BROWSER_NOTEBOOKS="
+            f"{os.environ.get('SDKIT_BROWSER_NOTEBOOKS', '') or BROWSER_DEFAULT}; 'all' or a "
+            "comma list of numbers; make test-browser runs all)"]
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from tqdm.auto import tqdm
 
-from . import checks, shapes
+from . import checks, figures, shapes
 from .pipeline import generate
 
 # ----------------------------------------------------------------------------- capture
@@ -47,6 +46,7 @@ class AttentionStore:
     to layers of those sides (e.g. ``(16,)``; default: all). Each record is (layer, step,
     probs), probs (b, HW, T) head-averaged, on the CPU, in ``dtype`` (float16: real SD records
     hundreds of maps). Each further call of a layer is the next step; ``reset()`` forgets all.
+    The same store entered again inside its block records once; the outer exit unhooks.
 
     Introduced in notebooks/03_text_and_cross_attention.ipynb.
     """
@@ -61,7 +61,7 @@ class AttentionStore:
             checks.fail("dtype", dtype, "expected a torch floating dtype, e.g. torch.float16")
         self.unet, self.resolutions, self.dtype = unet, resolutions, dtype
         self.records: list[tuple[str, int, torch.Tensor]] = []  # (layer, step, (b, HW, T))
-        self._calls, self._handles = {}, []  # layer -> calls so far; the hooks while inside
+        self._calls, self._handles, self._depth = {}, [], 0  # layer -> calls; hooks; nesting
 
     def _hooks(self, name: str, attn) -> list:
         """One layer's hooks: keep the outputs of to_q and to_k; after the layer, record."""
@@ -108,15 +108,17 @@ class AttentionStore:
         self.records, self._calls = [], {}
 
     def __enter__(self):
-        for name, module in self.unet.named_modules():
-            if name.rsplit(".", 1)[-1] == "attn2" and isinstance(module, Attention):
-                self._handles += self._hooks(name, module)
+        if self._depth == 0:  # entered again inside (nested): the hooks are on, once
+            for name, module in self.unet.named_modules():
+                if name.rsplit(".", 1)[-1] == "attn2" and isinstance(module, Attention):
+                    self._handles += self._hooks(name, module)
+        self._depth += 1
         return self
 
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def __exit__(self, *exc):  # on success, error or KeyboardInterrupt alike
+        self._depth -= 1
+        while self._depth == 0 and self._handles:
+            self._handles.pop().remove()
 
     @property
     def layers(self) -> list[str]:
@@ -350,24 +352,18 @@ def pointing_rate(pipe, prompts, seeds, num_inference_steps: int | None = None,
 # ----------------------------------------------------------------------------- pictures
 
 
-def _grid(cells, cols: int, title=None, size=(1.6, 1.75)):
-    """Pictures in a grid: each cell (image, map (H, W) or None, title, ylabel) is the image
-    with the map over it as a heatmap, scaled to its own max. Returns the figure."""
-    rows = -(-len(cells) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
-    for ax in axes.flat[len(cells):]:
-        ax.axis("off")
-    for ax, (img, m, label, ylabel) in zip(axes.flat, cells):
-        ax.imshow(img)
+def _grid(cells, cols: int, title=None, row_titles=None, col_titles=None):
+    """Pictures in rows of ``cols`` (``figures.image_grid``: borders, labels, large enough):
+    each cell (image, map (H, W) or None, label over it) is the image with the map over it
+    as a heatmap, scaled to its own max. Returns the figure."""
+    rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
+    fig = figures.image_grid([[c[0] for c in r] for r in rows], [[c[2] for c in r] for r in rows],
+                             row_titles=row_titles, col_titles=col_titles, title=title,
+                             labels_above=True)
+    for ax, (_, m, _) in zip(fig.axes, cells):
         if m is not None:
             ax.imshow((m / m.max().clamp_min(1e-12)).numpy(), cmap="jet", alpha=0.55, vmin=0,
                       vmax=1)
-        ax.set_title(label or "", fontsize=9)
-        ax.set_ylabel(ylabel or "", fontsize=9)
-        ax.set(xticks=[], yticks=[])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -392,8 +388,9 @@ def show_word_maps(image, maps, tokens, skip_special: bool = True, cols: int = 8
     special = ("<|startoftext|>", "<|endoftext|>")
     up = _upsample(maps, img.shape[:2])
     shown = [(i, t) for i, t in enumerate(tokens) if not (skip_special and t in special)]
-    cells = [(img, None, "image", None)] + [(img, up[i], f"{i}: {t}", None) for i, t in shown]
-    return _grid(cells, min(cols, len(cells)), title)
+    cells = [(img, None, "image")] + [(img, up[i], f"{i}: {t}") for i, t in shown]
+    return _grid(cells, min(cols, len(cells), int(figures.MAX_WIDTH_IN // figures.MIN_THUMB_IN)),
+                 title)
 
 
 def show_map_rows(image, rows: dict, tokens, indices):
@@ -408,11 +405,11 @@ def show_map_rows(image, rows: dict, tokens, indices):
         checks.fail("rows", rows, "expected a dict label -> (T, h, w) maps")
     indices = [checks.check_int("indices", i, 0, len(tokens) - 1) for i in indices]
     cells = []
-    for r, (label, maps) in enumerate(rows.items()):
+    for label, maps in rows.items():
         up = _upsample(_maps(maps, f"rows[{label!r}]")[indices], img.shape[:2])
-        heads = [f"{i}: {tokens[i]}" if r == 0 else None for i in indices]
-        cells += [(img, None, None, str(label))] + [(img, m, t, None) for m, t in zip(up, heads)]
-    return _grid(cells, len(indices) + 1, size=(1.5, 1.6))
+        cells += [(img, None, None)] + [(img, m, None) for m in up]
+    return _grid(cells, len(indices) + 1, row_titles=[str(k) for k in rows],
+                 col_titles=["image"] + [f"{i}: {tokens[i]}" for i in indices])
 
 
 def show_pointing(results, max_objects: int = 8):
@@ -426,8 +423,10 @@ def show_pointing(results, max_objects: int = 8):
     if not objs:
         checks.fail("results", "no objects", "expected results with objects the checker found")
     ups = [_upsample(o["map"][None].float(), o["mask"].shape)[0] for _, o in objs]
-    fig = _grid([(r["image"], m, f"{o['obj'].colour} {o['obj'].shape}", None)
-                 for (r, o), m in zip(objs, ups, strict=True)], len(objs), size=(1.9, 2.3))
+    fig = _grid([(r["image"], m, f"{o['obj'].colour} {o['obj'].shape}")
+                 for (r, o), m in zip(objs, ups, strict=True)],
+                min(len(objs), int(figures.MAX_WIDTH_IN // figures.MIN_THUMB_IN)),
+                title="peak of each object's word map (green x: inside its blob)")
     for ax, (_, o), m in zip(fig.axes, objs, ups, strict=True):
         y, x = np.unravel_index(int(m.argmax()), o["mask"].shape)
         ax.contour(o["mask"], levels=[0.5], colors="white", linewidths=1)

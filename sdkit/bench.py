@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 
 from . import checks, generation
-from .device import get_device
-from .images import vae_scale_factor
+from .device import check_memory, get_device
+from .images import unet_memory_bytes, vae_memory_bytes, vae_scale_factor
 from .pipeline import TOY_DIR
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -237,6 +237,14 @@ def _run(smoke: bool = False, device=None, dtype=None, steps: int | None = None,
         repeats = 3 if repeats is None else repeats
     checks.check_int("repeats", repeats, 1, 100)
     checks.check_size(size, size, 64 if not smoke else 8)
+    # refused before a model is built: SD 1.5 (or the smoke model) at this size must fit
+    unet_cfg, vae_cfg = ((SMOKE_UNET, SMOKE_VAE) if smoke
+                         else (generation.SD15_UNET, generation.SD15_VAE))
+    nbytes = 4 if choice.dtype == torch.float32 else 2
+    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    check_memory("size", size, max(unet_memory_bytes(unet_cfg, 2, size // f, size // f, nbytes),
+                                   vae_memory_bytes(vae_cfg, 1, size, size, nbytes)),
+                 f"one guided step and one decode at {size}x{size}", device=choice.device)
     dev, fast_dtype = choice.device, choice.dtype
     if fast_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         checks.fail("dtype", fast_dtype, "float16, bfloat16 (or float32 on a CPU)")

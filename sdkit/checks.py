@@ -16,6 +16,8 @@ devices inside a pipeline call).
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -26,6 +28,12 @@ from PIL import Image
 
 class SdkitInputError(ValueError):
     """A bad argument to an sdkit function; the message says which, what and what is allowed."""
+
+
+class BrokenModelError(SdkitInputError):
+    """A model on disk that cannot be loaded as it is (a truncated or garbage weights file, a
+    missing component folder, a broken ``model_index.json``): the message names the path,
+    what was expected and what was found, in the kit's one format."""
 
 
 SEED_MAX = 2**32 - 1  # the one seed range of the kit (numpy, torch and the widgets take it)
@@ -151,7 +159,9 @@ def check_prompt(prompt, tokenizer=None, name: str = "prompt", allow_empty: bool
                            "guidance_scale=0 or the function's unconditional option)")
     if tokenizer is None:
         return prompt
-    ids = tokenizer(prompt).input_ids
+    # verbose=False: counting the tokens of a long prompt must not print the tokenizer's own
+    # "Token indices sequence length is longer than ..." warning; the refusal below says it
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
     limit = tokenizer.model_max_length
     if len(ids) > limit:
         fail(name, prompt, f"expected at most {limit - 2} tokens (the text encoder's window is "
@@ -172,6 +182,59 @@ def check_prompt(prompt, tokenizer=None, name: str = "prompt", allow_empty: bool
                                f"{', '.join(words)} (notebook 03 shows what real CLIP does "
                                f"with unknown words)")
     return prompt
+
+
+def check_negative_prompt(negative_prompt, tokenizer, n: int,
+                          name: str = "negative_prompt") -> list[str] | None:
+    """None, or one negative prompt per image (one str for all, or a list of ``n``), each
+    checked like a prompt (the empty one allowed): the one check of ``sample`` and
+    ``generate``."""
+    if negative_prompt is None:
+        return None
+    negatives = check_per_seed(name, negative_prompt, n)
+    for p in negatives:
+        check_prompt(p, tokenizer, name=name, allow_empty=True)
+    return negatives
+
+
+GENERATE_OPTIONS = ("height", "width", "negative_prompt", "output_type", "eta",
+                    "num_images_per_prompt")
+
+
+def check_generate_options(kwargs: dict, scheduler, tokenizer, guidance_scale: float) -> dict:
+    """``pipeline.generate``'s keyword arguments: only ``GENERATE_OPTIONS``, each checked
+    (height and width are checked there, against the model's size); returns the ones to pass
+    to the pipeline. Refused: other names (never passed on unread), ``num_images_per_prompt``
+    other than 1, a negative prompt ``sampling.sample`` would refuse or one at
+    ``guidance_scale <= 1`` (no unconditional branch then), a non-zero ``eta`` with a
+    scheduler whose step ignores it."""
+    unknown = sorted(set(kwargs) - set(GENERATE_OPTIONS))
+    if unknown:
+        fail(unknown[0], kwargs[unknown[0]], f"generate() takes {list(GENERATE_OPTIONS)} besides "
+                                             "its own arguments; call pipe(...) for others")
+    kwargs = dict(kwargs)
+    n = kwargs.pop("num_images_per_prompt", 1)
+    if isinstance(n, bool) or n != 1:
+        fail("num_images_per_prompt", n, "expected 1: generate() returns one image; for several "
+                                         "use generate_images(pipe, prompt, seeds), one per seed")
+    negative = check_negative_prompt(kwargs.get("negative_prompt"), tokenizer, 1)
+    if negative is not None and guidance_scale <= 1:
+        fail("negative_prompt", negative[0], f"a negative prompt needs guidance_scale > 1 (at "
+                                             f"{guidance_scale:g} the pipeline runs no "
+                                             "unconditional branch for it to replace)")
+    check_choice("output_type", kwargs.setdefault("output_type", "pil"), ("pil", "np", "latent"))
+    if "eta" in kwargs:
+        check_float("eta", kwargs["eta"], 0.0, 1.0)
+        check_eta(kwargs["eta"], scheduler)
+    return kwargs
+
+
+def check_eta(eta: float, scheduler) -> float:
+    """A non-zero ``eta`` only for a scheduler whose ``step`` takes it (DDIM)."""
+    if eta and "eta" not in inspect.signature(scheduler.step).parameters:
+        fail("eta", eta, f"{type(scheduler).__name__} ignores eta: only DDIM-like samplers take "
+                         "it (use scheduler='DDIM', or sampling.make_scheduler('DDIM', pipe))")
+    return eta
 
 
 def check_image(image, name: str = "image", size: tuple[int, int] | None = None) -> np.ndarray:
@@ -215,8 +278,12 @@ def check_image(image, name: str = "image", size: tuple[int, int] | None = None)
 def check_mask(mask, size: tuple[int, int], name: str = "mask") -> np.ndarray:
     """A mask as float32 (H, W) in [0, 1]: 1 where the image is to be repainted.
 
-    Accepted: bool or numeric arrays (H, W) with values in [0, 1], uint8 arrays with
-    values in {0, 255} or [0, 255], and PIL images of mode L or 1.
+    Accepted: bool arrays; integer arrays (any integer dtype, uint8 included) whose values are
+    all 0 or 1: a binary mask, 1 = repaint (so ``mask.astype(np.uint8)`` of a 0/1 mask repaints
+    where it is 1; it is never divided by 255); other uint8 arrays: 0..255 grey levels,
+    divided by 255 (255 = repaint); float arrays with values in [0, 1]; PIL images of mode L
+    or 1 (read as their uint8 values, by the same rules). Refused: other integer values,
+    floats outside [0, 1] or not finite, other shapes.
     """
     if isinstance(mask, Image.Image):
         if mask.mode not in ("L", "1"):
@@ -231,8 +298,17 @@ def check_mask(mask, size: tuple[int, int], name: str = "mask") -> np.ndarray:
              f"expected shape {tuple(size)}, the image's size")
     if mask.dtype == np.bool_:
         return mask.astype(np.float32)
-    if mask.dtype == np.uint8:
-        return mask.astype(np.float32) / 255.0
+    if np.issubdtype(mask.dtype, np.integer):
+        lo, hi = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+        if lo >= 0 and hi <= 1:
+            return mask.astype(np.float32)  # a binary mask: 1 = repaint
+        if mask.dtype == np.uint8:
+            return mask.astype(np.float32) / 255.0
+        fail(name, f"{mask.dtype} array with values in [{lo}, {hi}]",
+             "expected an integer mask of 0s and 1s (1 = repaint), uint8 grey levels 0..255, "
+             "or floats in [0, 1]")
+    if not np.issubdtype(mask.dtype, np.floating):
+        fail(name, f"array of dtype {mask.dtype}", "expected a bool, integer or float mask")
     m = mask.astype(np.float64)
     if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
         fail(name, f"array with values in [{m.min():.3g}, {m.max():.3g}]",
@@ -248,20 +324,141 @@ def check_folder(name: str, folder) -> Path:
 
 
 def check_model_path(path, name: str = "model") -> Path:
-    """An existing diffusers folder (with model_index.json) or a ``.safetensors`` file.
+    """An existing diffusers folder (with model_index.json) or a ``.safetensors`` file; ``~``
+    is expanded, and a relative path is read from the current directory (the message of a
+    missing one says which directory that is).
 
     Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) are refused: loading them
     runs arbitrary code. Convert them to safetensors on a machine you trust first.
     """
-    p = Path(path)
+    p = Path(os.fspath(path)).expanduser()
     if p.suffix.lower() in (".ckpt", ".bin", ".pt", ".pth", ".pkl"):
         fail(name, str(path), "pickle checkpoints are refused (unpickling can run arbitrary "
                               "code): use a .safetensors file or a diffusers folder")
     if not p.exists():
-        fail(name, str(path), "no such file or folder on this machine; expected a diffusers "
-                              "folder, a .safetensors file or a hub id")
+        where = "" if p.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+        fail(name, str(path), f"no such file or folder on this machine{where}; expected a "
+                              "diffusers folder, a .safetensors file or a hub id (hub ids look "
+                              "like owner/name)")
     if p.is_dir() and not (p / "model_index.json").exists():
         fail(name, str(path), "this folder is not a diffusers pipeline (no model_index.json)")
     if p.is_file() and p.suffix.lower() != ".safetensors":
         fail(name, str(path), "expected a .safetensors single-file checkpoint")
     return p
+
+
+# ------------------------------------------------------------------------------ models on disk
+
+_EXAMPLE_INDEX = ('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", '
+                  '"UNet2DConditionModel"], ...}')
+
+
+def _broken(name: str, path, allowed: str):
+    fail(name, str(path), allowed, BrokenModelError)
+
+
+def check_safetensors(path, name: str = "model") -> dict:
+    """The header of a ``.safetensors`` file (tensor name -> dtype, shape, offsets), read
+    without loading a weight; a file that is too short, garbage or truncated (an interrupted
+    download or copy) raises ``BrokenModelError`` saying what was expected and what was found.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, 100 * 2**20):
+            _broken(name, path, f"expected a safetensors file (an 8-byte header length, then a "
+                                f"JSON header); found {size} bytes that do not start like one "
+                                "(garbage, an HTML error page or a truncated download?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            header = None
+    if not isinstance(header, dict):
+        _broken(name, path, "expected a safetensors file; its header is not a JSON object "
+                            "(a garbage or corrupted file)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        _broken(name, path, "expected a safetensors file; its header has no valid data_offsets")
+    if size < 8 + n + end:
+        _broken(name, path, f"the file is truncated: its header describes {len(header)} tensors "
+                            f"ending at byte {8 + n + end:,}, but it holds only {size:,} bytes "
+                            "(an interrupted download or copy? get the file again)")
+    return header
+
+
+def check_checkpoint(path, name: str = "model") -> dict:
+    """A single-file Stable Diffusion checkpoint (the original key layout, ``model.
+    diffusion_model.*``): its safetensors header, checked; another kind of safetensors file
+    (a LoRA, a learned embedding, one diffusers component) is refused, naming what it holds."""
+    header = check_safetensors(path, name)
+    keys = [k for k in header if k != "__metadata__"]
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        _broken(name, path, "expected a Stable Diffusion checkpoint (keys model.diffusion_model."
+                            f"*, first_stage_model.*, cond_stage_model.*); found {len(keys)} "
+                            f"tensors such as {keys[:3]} (a LoRA, an embedding or one component "
+                            "of a diffusers folder?)")
+    return header
+
+
+def read_model_index(folder, name: str = "model") -> dict:
+    """A diffusers folder's ``model_index.json``, parsed; empty, not JSON, or without
+    ``_class_name``: ``BrokenModelError`` naming the file and what it holds."""
+    index = Path(folder) / "model_index.json"
+    try:
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _broken(name, index, f"expected a readable JSON file; found {type(e).__name__}: {e}")
+    if not text.strip():
+        _broken(name, index, f"model_index.json is empty; expected the pipeline's index, e.g. "
+                             f"{_EXAMPLE_INDEX}")
+    try:
+        info = json.loads(text)
+    except ValueError as e:
+        _broken(name, index, f"expected valid JSON; found a syntax error at line "
+                             f"{getattr(e, 'lineno', '?')}, column {getattr(e, 'colno', '?')}: "
+                             f"{getattr(e, 'msg', e)}")
+    if not isinstance(info, dict) or "_class_name" not in info:
+        found = sorted(info)[:6] if isinstance(info, dict) else type(info).__name__
+        _broken(name, index, f"expected a JSON object with a \"_class_name\" (e.g. "
+                             f"{_EXAMPLE_INDEX}); found {found}")
+    return info
+
+
+def check_components(folder, info: dict, name: str = "model", weights: bool = True) -> None:
+    """Every component ``model_index.json`` names (``"unet": ["diffusers",
+    "UNet2DConditionModel"]``) has its subfolder, a config that parses and, for models (with
+    ``weights``), safetensors weights that are whole (``check_safetensors``); else
+    ``BrokenModelError``."""
+    folder = Path(folder)
+    for part, entry in info.items():
+        if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 \
+                or None in entry:
+            continue
+        sub, cls = folder / part, str(entry[1])
+        if not sub.is_dir():
+            found = sorted(p.name for p in folder.iterdir())
+            _broken(name, sub, f"model_index.json names the component {part!r} ({cls}), so a "
+                               f"{part}/ subfolder was expected; found only {found}")
+        if "Tokenizer" in cls or "Processor" in cls or "FeatureExtractor" in cls:
+            continue
+        config = sub / ("scheduler_config.json" if "Scheduler" in cls else "config.json")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            _broken(name, config, f"expected the {part}'s JSON config; found "
+                                  f"{type(e).__name__}: {str(e)[:120]}")
+        if "Scheduler" in cls or not weights:
+            continue
+        files = sorted(sub.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in sub.iterdir() if p.suffix in (".bin", ".ckpt", ".pt"))
+            _broken(name, sub, f"expected the {part}'s weights as a .safetensors file; found "
+                               + (f"only pickle weights {pickles} (refused: convert them to "
+                                  "safetensors)" if pickles else
+                                  f"{sorted(p.name for p in sub.iterdir())}"))
+        for w in files:
+            check_safetensors(w, name)

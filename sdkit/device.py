@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -215,3 +216,116 @@ def describe_device(choice: DeviceChoice | None = None) -> str:
         free, total = (n / 2**30 for n in torch.cuda.mem_get_info(index))
         lines.append(f"  GPU {index}: {props.name}, {total:.1f} GiB memory ({free:.1f} GiB free)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ memory limits
+
+MEMORY_ENV = "SDKIT_MEMORY_LIMIT"
+MEMORY_SHARE = 0.5  # of the memory available now: a classroom machine is shared
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        fail(MEMORY_ENV, text, "expected a positive size such as '8GiB', '12GB' or '500MiB'",
+             DeviceError)
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _cpu_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo, capped by a cgroup's memory.max (containers, JupyterHub);
+    elsewhere (macOS, Windows) torch's view is not available, so 8 GiB is assumed."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            cgroup_free = int(limit) - used
+            available = cgroup_free if available is None else min(available, cgroup_free)
+    except (OSError, ValueError):
+        pass
+    return available if available is not None else 8 * 2**30
+
+
+def memory_limit(device=None) -> tuple[int, str]:
+    """How many bytes one sdkit call may allocate on ``device`` (default: ``get_device()``'s),
+    and a few words saying where the figure comes from.
+
+    ``SDKIT_MEMORY_LIMIT`` (e.g. ``24GiB``) sets it; otherwise it is half of the memory
+    available now (CUDA: free GPU memory; CPU: MemAvailable, within a container's limit), so
+    a call the kit accepts leaves the machine, and its other learners, room to breathe.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        return _parse_bytes(text), f"set by {MEMORY_ENV}"
+    device = torch.device(device) if device is not None else get_device().device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device.index or 0)
+        return int(free * MEMORY_SHARE), "half of the GPU memory free now"
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() * MEMORY_SHARE), "half of MPS's memory"
+    return int(_cpu_available_bytes() * MEMORY_SHARE), "half of the memory available now"
+
+
+def format_bytes(n: float) -> str:
+    """``3.2 GiB``, ``640 MiB``: a size for a message."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_memory(name: str, value, need_bytes: float, what: str, device=None) -> None:
+    """Refuse a call whose estimated memory, ``need_bytes``, is over ``memory_limit(device)``.
+
+    ``name=value`` is the argument that makes the call big (``height=4096``); ``what`` says
+    what the estimate counts (``"the UNet's attention at 4096x4096"``). The message gives the
+    estimate, the limit, where the limit comes from and how to raise it.
+
+    Introduced in notebooks/00_start_here.ipynb.
+    """
+    limit, why = memory_limit(device)
+    if need_bytes > limit:
+        fail(name, value, f"{what} needs about {format_bytes(need_bytes)}, over the memory "
+                          f"limit of {format_bytes(limit)} ({why}); use a smaller value, or "
+                          f"raise the limit on a bigger machine with {MEMORY_ENV}=... "
+                          f"(e.g. {MEMORY_ENV}=32GiB)")
+
+
+def _per_sample_bytes(module, call, training: bool = True) -> int:
+    """Bytes one item of a batch costs in ``module`` (for ``check_memory``'s estimates), measured
+    by ``call()`` (a forward pass of batch 1, run without gradients): training keeps every
+    layer's output (their sum, plus each attention layer's (heads, N, M) weights twice);
+    inference holds a few at a time (four times the largest). Used by the trainers of
+    notebooks 09-11."""
+    sizes: list[int] = []
+
+    def hook(mod, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if torch.is_tensor(out):
+            sizes.append(out.numel() * out.element_size())
+        if hasattr(mod, "heads") and hasattr(mod, "to_k") and args:  # diffusers' Attention
+            ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            n = args[0].shape[-2] * args[0].shape[-1] if args[0].ndim == 4 else args[0].shape[1]
+            m = n if ctx is None else ctx.shape[1]
+            sizes.append(2 * mod.heads * n * m * args[0].element_size())
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in module.modules()
+               if not list(m.children()) or hasattr(m, "heads")]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return int(sum(sizes)) if training else 4 * max(sizes, default=0)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from . import attention, checks, shapes
+from . import attention, checks, device, shapes
 from .pipeline import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -59,6 +59,8 @@ def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=p
     """Measure the toy model: VAE PSNR, prompt fidelity, the unconditional baseline, a guidance
     sweep (``sweep_prompts``, 96), attention pointing (``attention_prompts``, 64) and speed;
     print every figure and, with ``write_card``, write them into the model folder's card.
+    The images kept must fit in memory (``SDKIT_MEMORY_LIMIT=32GiB`` raises the limit); each
+    stage shows a progress bar and stops on KeyboardInterrupt, writing nothing.
 
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
@@ -67,10 +69,15 @@ def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=p
         checks.fail("model", str(model), "expected a diffusers pipeline folder, e.g. data/toy-sd")
     n_prompts = checks.check_int("n_prompts", n_prompts, 2, 10_000)
     write_card = checks.check_bool("write_card", write_card)
-    n_attention = checks.check_int("attention_prompts", attention_prompts or 64, 1, 10_000)
-    n_sweep = checks.check_int("sweep_prompts", sweep_prompts or 96, 1, 10_000)
+    n_attention = checks.check_int("attention_prompts", 64 if attention_prompts is None
+                                   else attention_prompts, 1, 10_000)  # 0 is refused, not 64
+    n_sweep = checks.check_int("sweep_prompts", 96 if sweep_prompts is None else sweep_prompts,
+                               1, 10_000)
     pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True,
                                                    local_files_only=True)
+    side, kept = pipe.vae.config.sample_size, 2 * n_prompts + len(GUIDANCE_SWEEP) * n_sweep
+    device.check_memory("n_prompts", n_prompts, kept * 3 * side**2 + n_attention * 4 * MAX_LENGTH
+                        * side**2, f"{kept} evaluation images of {side}x{side}", "cpu")
     pipe.set_progress_bar_config(disable=True)
     t0 = time.time()
     figs: dict = {"n_prompts": n_prompts, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,

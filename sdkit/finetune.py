@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,11 +31,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.utils import make_image_grid
-from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import checks, images, pipeline, shapes
+from . import checks, device, figures, images, pipeline, shapes
 from .checks import fail
 
 P_UNCOND = 0.1  # share of empty captions in fine-tuning batches, as in the toy model's training
@@ -238,6 +237,9 @@ def _check_train_args(steps, lr, batch_size, seed, latents, captions, tokenizer)
     if not torch.is_tensor(latents) or latents.ndim != 4:
         shown = f"tensor {tuple(latents.shape)}" if torch.is_tensor(latents) else latents
         fail("latents", shown, "expected a tensor (N, 4, h, w) from encode_images")
+    if not torch.isfinite(latents).all():  # NaN in, NaN loss out: a black model
+        fail("latents", f"tensor {tuple(latents.shape)} with NaN or infinite values",
+             "expected finite latents from encode_images")
     if not isinstance(captions, (list, tuple)) or len(captions) != len(latents):
         fail("captions", captions, f"expected a list of {len(latents)} captions, one per latent")
     for c in captions:
@@ -289,20 +291,48 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
             context = torch.where(drop[:, None, None], uncond.to(context.dtype), context)
         return diffusion_loss(unet, scheduler, x0, context, noise, t)
 
+    _check_train_memory(unet, latents, batch_size, params, class_latents is not None)
     t0 = time.time()
     bar = tqdm(range(steps), desc=desc)
-    for step in bar:
-        loss = batch_loss(latents, False)
-        total = loss
-        if class_latents is not None:
-            total = loss + prior_weight * batch_loss(class_latents, True)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    try:
+        for step in bar:
+            loss = batch_loss(latents, False)
+            total = loss
+            if class_latents is not None:
+                total = loss + prior_weight * batch_loss(class_latents, True)
+            _finite(total, "lr", lr, f"expected a smaller learning rate (e.g. lr={lr / 10:g}): "
+                                     f"the loss at step {step + 1} of {steps}")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            losses.append(loss.item())
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    except KeyboardInterrupt:  # Jupyter's stop button: the pipeline passed in is untouched
+        raise KeyboardInterrupt(f"{desc} stopped after {len(losses)} of {steps} steps") from None
+    finally:
+        bar.close()
     return losses, time.time() - t0
+
+
+def _check_train_memory(unet, latents, batch_size, params, prior: bool):
+    """Refuse a batch that cannot fit: one picture's UNet activations times the batch (twice
+    with prior preservation), plus the trained parameters, their gradients and AdamW's moments."""
+    p = next(unet.parameters())
+    x = torch.zeros(1, *latents.shape[1:], device=p.device, dtype=p.dtype)  # (1, 4, h, w)
+    ctx = torch.zeros(1, pipeline.MAX_LENGTH, unet.config.cross_attention_dim, device=p.device,
+                      dtype=p.dtype)  # (1, T, d)
+    one = device._per_sample_bytes(unet, lambda: unet(x, torch.tensor([1], device=p.device), ctx))
+    need = one * batch_size * (2 if prior else 1) + 4 * sum(q.numel() * q.element_size()
+                                                             for q in params)
+    device.check_memory("batch_size", batch_size, need, f"training on batches of {batch_size} "
+                        f"{tuple(latents.shape[1:])} latents", p.device)
+
+
+def _finite(loss, name: str, value, what: str):
+    """Stop at the first non-finite loss, before the optimizer step (the weights stay sound)."""
+    if not torch.isfinite(loss):
+        fail(name, value, f"{what} became {loss.item()}: training diverged (nothing was kept)")
 
 
 def _check_result(result, method):
@@ -311,7 +341,7 @@ def _check_result(result, method):
 
 
 def _out_path(path) -> Path:
-    path = Path(path)
+    path = checks.check_folder("path", path)
     if path.suffix != ".safetensors":
         fail("path", str(path), "expected a file name ending in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,10 +349,28 @@ def _out_path(path) -> Path:
 
 
 def _in_path(path) -> Path:
-    path = Path(path)
+    """An existing .safetensors file (``~`` expanded); a folder names the files it holds."""
+    path = checks.check_folder("path", path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))[:3]
+        fail("path", str(path), "a folder; expected the .safetensors file itself"
+                                + (f", e.g. one of {inside}" if inside else " (it holds none)"))
     if path.suffix != ".safetensors" or not path.is_file():
-        fail("path", str(path), "expected an existing .safetensors file")
+        fail("path", str(path), "expected an existing .safetensors file" + (
+            "" if path.suffix == ".safetensors" else " (pickle files are never loaded)"))
     return path
+
+
+def _read(path, what: str) -> tuple[dict, dict]:
+    """The tensors and metadata of a safetensors file; a truncated or foreign file says so."""
+    path = _in_path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # safetensors' own error kinds: SafetensorError, OSError, ...
+        fail("path", str(path), f"not a readable safetensors file ({type(e).__name__}: "
+                                f"{str(e)[:80]}); expected {what}")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -378,20 +426,23 @@ def success_rate(pipe, prompts, seeds, targets, criterion: str = "colour_shape",
 # ------------------------------------------------------------------------------ showing
 
 
-def before_after_grid(before, after, scale: int = 2):
-    """Two rows of PIL images, before (top) and after (bottom) fine-tuning, same seeds.
+def before_after_grid(before, after, cols: int = 6,
+                      title: str | None = "before and after fine-tuning, the same seeds"):
+    """A figure of pictures before (rows titled "before") and after fine-tuning (the row
+    under it, "after"), same seeds, ``cols`` seeds per pair of rows (``figures.image_grid``).
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
     before, after = checks.check_list("before", before), checks.check_list("after", after)
     if len(before) != len(after):
         fail("after", f"{len(after)} images", f"expected as many as before ({len(before)})")
-    scale = checks.check_int("scale", scale, 1, 16)
-    ims = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-           for im in before + after]
-    return make_image_grid(ims, rows=2, cols=len(before))
+    cols = checks.check_int("cols", cols, 1, 16)
+    rows = [part[i:i + cols] for i in range(0, len(before), cols) for part in (before, after)]
+    return figures.image_grid(rows, row_titles=["before", "after"] * (len(rows) // 2),
+                              title=title)
 
 
+@figures.styled
 def plot_losses(results, window: int = 20):
     """The smoothed loss curves of one or more ``FineTuneResult``s, one panel each.
 
@@ -399,20 +450,20 @@ def plot_losses(results, window: int = 20):
     """
     results = ([results] if isinstance(results, FineTuneResult)
                else checks.check_list("results", results))
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), squeeze=False,
+                             figsize=(min(5 * len(results), figures.MAX_WIDTH_IN), 3.2))
     for ax, r in zip(axes[0], results, strict=True):
         ax.plot(r.losses, color="0.8", lw=0.8, label="each step")
         ax.plot(np.arange(len(r.smoothed_losses(window))) + min(window, len(r.losses)) - 1,
                 r.smoothed_losses(window), label=f"mean of {window}")
         ax.set(title=r.method, xlabel="step", ylabel="loss")
         ax.legend()
-    fig.tight_layout()
     return fig
 
 
 def file_size(path) -> int:
     """Size of a saved file in bytes. Introduced in notebooks/09_fine_tuning.ipynb."""
-    return os.path.getsize(_in_path(path))
+    return _in_path(path).stat().st_size
 
 
 def summary_table(rows) -> str:

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from . import checks, finetune, pipeline
+from . import checks, device, finetune, pipeline
 from .checks import fail
 
 
@@ -210,13 +209,24 @@ def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 4
     than the model's own 10%: with 10%, guidance 4 still extrapolates from a half-adapted
     unconditional prediction and washes the colour out.
 
-    Returns a ``FineTuneResult``; ``extra["hypernetwork"]`` is the trained module.
+    The batch and ``hidden`` must fit in memory (the error gives the estimate and the limit;
+    ``SDKIT_MEMORY_LIMIT=32GiB`` raises it). A progress bar shows the steps; Jupyter's stop
+    button (KeyboardInterrupt) and a non-finite loss (``lr`` too large: an error naming it)
+    stop training, and ``pipe`` is as it was. Returns a ``FineTuneResult``;
+    ``extra["hypernetwork"]`` is the trained module.
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
     steps, lr, batch_size, seed = finetune._check_train_args(steps, lr, batch_size, seed,
                                                              latents, captions, pipe.tokenizer)
     p_uncond = checks.check_float("p_uncond", p_uncond, 0.0, 1.0)
+    hidden = checks.check_int("hidden", hidden, 1, 65536)
+    layers = sum(".attn2." in n for n in pipe.unet.attn_processors)
+    d = pipe.unet.config.cross_attention_dim  # each layer: two MLPs d -> hidden -> d
+    need = 4 * 4 * layers * 2 * (2 * d * hidden + hidden + d)  # weights, grads, AdamW's moments
+    need += 4 * batch_size * layers * 2 * hidden * pipeline.MAX_LENGTH  # the MLPs' activations
+    device.check_memory("hidden", hidden, need, f"a hypernetwork of width {hidden} on {layers} "
+                        f"layers, trained on batches of {batch_size}", pipe.unet.device)
     unet = copy.deepcopy(pipe.unet)
     unet.requires_grad_(False)
     hyper = _make_hypernetwork(unet, hidden, seed)
@@ -255,14 +265,23 @@ def load_hypernetwork(pipe, path, strength: float = 1.0):
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
-    path = finetune._in_path(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "names" not in meta:
-        fail("path", str(path), "expected a hypernetwork file written by save_hypernetwork")
+    strength = checks.check_float("strength", strength, -10.0, 10.0)
+    state, meta = finetune._read(path, "a hypernetwork file written by save_hypernetwork")
+    try:
+        names, hidden = json.loads(meta["names"]), checks.check_int("hidden", int(meta["hidden"]),
+                                                                    1, 65536)
+    except (KeyError, ValueError, TypeError) as e:
+        fail("path", str(path), f"expected a hypernetwork file written by save_hypernetwork "
+                                f"(names and hidden in its metadata; {type(e).__name__}: {e})")
+    ours = [n for n in pipe.unet.attn_processors if ".attn2." in n]
+    if sorted(names) != sorted(ours):
+        fail("path", str(path), f"a hypernetwork made for another UNet: its layers {names[:2]}... "
+                                f"are not this UNet's {ours[:2]}...")
+    hyper = _Hypernetwork(names, pipe.unet.config.cross_attention_dim, hidden)
+    try:
+        hyper.load_state_dict(state)
+    except RuntimeError as e:  # missing, extra or reshaped tensors
+        fail("path", str(path), f"a hypernetwork of another shape ({str(e).splitlines()[0][:90]})")
     unet = copy.deepcopy(pipe.unet)
-    hyper = _Hypernetwork(json.loads(meta["names"]), unet.config.cross_attention_dim,
-                         int(meta["hidden"]))
-    hyper.load_state_dict(load_file(str(path)))
     _install_hypernetwork(unet, hyper.eval().requires_grad_(False), strength)
     return finetune._rebuild(pipe, unet=unet)

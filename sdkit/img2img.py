@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checks, images
 from .pipeline import encode_prompt, resolve_settings
@@ -31,9 +32,18 @@ SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines want heights and widt
 # ----------------------------------------------------------------------------- shared with 08
 
 
-def _picture(pipe, image) -> torch.Tensor:
-    """One picture as the VAE wants it: (1, 3, H, W) float32 in [-1, 1] on the VAE's device."""
+def _picture(pipe, image, name: str = "image", value=None) -> torch.Tensor:
+    """One picture as the VAE wants it: (1, 3, H, W) float32 in [-1, 1] on the VAE's device.
+
+    Refused before it is converted: a picture whose edit would need more memory than
+    ``sdkit.device.memory_limit`` (the VAE encoder and decoder at its size, the UNet on its
+    latents); ``name=value`` is what the message blames (default: the picture's size)."""
     multiple = math.lcm(SIZE_MULTIPLE, images.vae_scale_factor(pipe.vae))
+    h, w = images.picture_size(image)
+    if h and w:
+        images.check_generation_memory(pipe, name, value or f"picture of size {h}x{w}", 1,
+                                       h - h % multiple or multiple, w - w % multiple or multiple,
+                                       encode=True)
     x = images.to_tensor(image, name="image", multiple=multiple)  # (B, 3, H, W)
     if x.shape[0] != 1:
         checks.fail("image", f"{x.shape[0]} pictures", "expected one picture (batches are "
@@ -62,6 +72,11 @@ def _noise_pred(pipe, scheduler, latents, t, prompt_embeds, do_cfg: bool, scale:
         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
         noise_pred = combine(noise_pred_uncond, noise_pred_text, scale)
     return noise_pred
+
+
+def _steps(timesteps, desc: str):
+    """The timesteps with a progress bar that shows only when the loop takes more than 2 s."""
+    return tqdm(timesteps, desc=desc, leave=False, delay=2)
 
 
 def _output(pipe, latents, output_type: str, original=None, pixel_mask=None):
@@ -119,7 +134,11 @@ def img2img(pipe, image, prompt: str, strength: float, seed: int,
     so the result equals ``StableDiffusionImg2ImgPipeline(**pipe.components)``.
 
     ``image``: one picture (PIL, uint8 or float (H, W, 3)), sides multiples of 8 and of the
-    VAE's factor. ``output_type``: "pil", "np" (float (H, W, 3) in [0, 1]) or "latent".
+    VAE's factor; a picture too big for the machine (its estimated memory over
+    ``sdkit.device.memory_limit``; raise it with ``SDKIT_MEMORY_LIMIT``) is refused before
+    anything is allocated. A progress bar shows when the call takes more than 2 s; an
+    interrupt leaves the pipeline as it was (the scheduler stepped is a copy).
+    ``output_type``: "pil", "np" (float (H, W, 3) in [0, 1]) or "latent".
 
     Introduced in notebooks/07_image_to_image.ipynb.
     """
@@ -140,7 +159,7 @@ def img2img(pipe, image, prompt: str, strength: float, seed: int,
     if len(timesteps) == 0:
         return _output(pipe, init_latents, output_type)
     latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
-    for t in timesteps:
+    for t in _steps(timesteps, "img2img"):
         noise_pred = _noise_pred(pipe, scheduler, latents, t, prompt_embeds, do_cfg, scale)
         latents = scheduler.step(noise_pred, t, latents).prev_sample
     return _output(pipe, latents, output_type)

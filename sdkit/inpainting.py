@@ -32,6 +32,7 @@ from .img2img import (
     _output,
     _picture,
     _scheduler_copy,
+    _steps,
     truncated_timesteps,
 )
 from .pipeline import resolve_settings
@@ -49,10 +50,11 @@ def dilate_mask(mask, pixels: int) -> np.ndarray:
     """
     from scipy import ndimage
 
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        checks.fail("mask", f"array of shape {mask.shape}", "expected a 2-D mask (H, W)")
-    m = checks.check_mask(mask, mask.shape)
+    shape = np.asarray(mask).shape
+    if len(shape) != 2:
+        checks.fail("mask", f"array of shape {shape}", "expected a 2-D mask (H, W)")
+    m = checks.check_mask(mask if hasattr(mask, "dtype") or hasattr(mask, "mode")
+                          else np.asarray(mask), shape)
     pixels = checks.check_int("pixels", pixels, 0, 512)
     if pixels == 0:
         return (m >= 0.5).astype(np.float32)
@@ -71,13 +73,14 @@ def latent_mask(mask, scale_factor: int) -> torch.Tensor:
     Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
     """
     f = checks.check_int("scale_factor", scale_factor, 1, 64)
-    mask = np.asarray(mask, dtype=np.float32)
-    if mask.ndim != 2 or mask.shape[0] % f or mask.shape[1] % f:
-        checks.fail("mask", f"array of shape {mask.shape}",
+    shape = np.asarray(mask).shape  # the mask's own dtype goes to check_mask (0/1 ints: binary)
+    if len(shape) != 2 or shape[0] % f or shape[1] % f:
+        checks.fail("mask", f"array of shape {shape}",
                     f"expected a 2-D mask whose height and width are multiples of {f}")
-    m = checks.check_mask(mask, mask.shape)
+    m = checks.check_mask(mask if hasattr(mask, "dtype") or hasattr(mask, "mode")
+                          else np.asarray(mask), shape)
     m = torch.from_numpy((m >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)
-    return F.interpolate(m, size=(mask.shape[0] // f, mask.shape[1] // f))  # (1, 1, H/f, W/f)
+    return F.interpolate(m, size=(shape[0] // f, shape[1] // f))  # (1, 1, H/f, W/f)
 
 
 # ----------------------------------------------------------------------------- measures
@@ -128,7 +131,12 @@ def inpaint(pipe, image, mask, prompt: str, seed: int, strength: float = 1.0,
     error there. With ``paste_back=False`` the result equals
     ``StableDiffusionInpaintPipeline(**pipe.components)`` for the same seed.
 
-    ``mask``: (H, W) array in [0, 1] (or uint8 0..255, or a PIL L image), the image's size.
+    ``mask``: (H, W), the image's size: floats in [0, 1], 0/1 integers of any dtype (a
+    binary mask), uint8 grey levels 0..255, or a PIL L image (``checks.check_mask``). A mask
+    with nothing to repaint (no pixel >= 0.5, or none that a latent pixel sees: grow thin
+    masks with ``dilate_mask``) is refused, as is a picture too big for the machine
+    (``sdkit.device.memory_limit``; raise it with ``SDKIT_MEMORY_LIMIT``). A progress bar
+    shows when the call takes more than 2 s; an interrupt leaves the pipeline as it was.
     ``callback(i, t, latents)`` is called after each blended step (for plots and tests).
 
     Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
@@ -149,6 +157,12 @@ def inpaint(pipe, image, mask, prompt: str, seed: int, strength: float = 1.0,
     if pipe.unet.config.in_channels != 4:
         checks.fail("pipe", f"a UNet with {pipe.unet.config.in_channels} input channels",
                     "expected a 4-channel UNet (use StableDiffusionInpaintPipeline for 9)")
+    m = latent_mask(pixel_mask, images.vae_scale_factor(pipe.vae))  # (1, 1, h, w)
+    if not (pixel_mask >= 0.5).any() or not m.any():
+        checks.fail("mask", "a mask with nothing to repaint", "expected some pixels >= 0.5 (1 = "
+                    "repaint) where a latent pixel sees them (the top-left pixel of each "
+                    f"{images.vae_scale_factor(pipe.vae)}x{images.vae_scale_factor(pipe.vae)} "
+                    "block); grow a thin mask with dilate_mask; this one would repaint nothing")
     generator = torch.Generator("cpu").manual_seed(seed)
 
     prompt_embeds, do_cfg = _embeddings(pipe, prompt, scale)
@@ -165,9 +179,8 @@ def inpaint(pipe, image, mask, prompt: str, seed: int, strength: float = 1.0,
         latents = noise * scheduler.init_noise_sigma
     else:
         latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
-    m = latent_mask(pixel_mask, images.vae_scale_factor(pipe.vae))  # (1, 1, h, w)
     m = m.to(pipe.device, latents.dtype)
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(_steps(timesteps, "inpainting")):
         noise_pred = _noise_pred(pipe, scheduler, latents, t, prompt_embeds, do_cfg, scale)
         latents = scheduler.step(noise_pred, t, latents).prev_sample
         init_latents_proper = image_latents
@@ -215,11 +228,18 @@ def outpaint(pipe, image, prompt: str, new_width: int, side: str = "right", seed
     """Extend ``image`` sideways to ``new_width`` pixels and fill the new strip from ``prompt``.
 
     ``side``: "right" or "left". ``new_width`` must be a multiple of 8 larger than the
-    image. The prompt describes the whole new canvas (the old part included). Returns a
-    picture of size (H, new_width).
+    image, and small enough for the machine (its estimated memory under
+    ``sdkit.device.memory_limit``; raise it with ``SDKIT_MEMORY_LIMIT``). The prompt
+    describes the whole new canvas (the old part included). Returns a picture of size
+    (H, new_width).
 
     Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
     """
+    h, _ = images.picture_size(image)
+    if h and isinstance(new_width, int) and not isinstance(new_width, bool) and new_width > 0:
+        # refused before the canvas is made: the wider picture's edit must fit in memory
+        images.check_generation_memory(pipe, "new_width", new_width, 1, h, new_width,
+                                       encode=True)
     canvas, mask = outpaint_canvas(image, new_width, side)
     return inpaint(pipe, canvas, mask, prompt, seed, 1.0, num_inference_steps, guidance_scale,
                    paste_back=paste_back, output_type=output_type)

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checks, shapes
-from .images import encode, to_tensor, vae_scale_factor
+from . import checks, figures, shapes
+from .device import check_memory
+from .images import encode, to_tensor, unet_memory_bytes, vae_memory_bytes, vae_scale_factor
 
 
 def compression_factor(image_shape, latent_shape) -> float:
@@ -56,6 +57,7 @@ def compression_factor(image_shape, latent_shape) -> float:
 # ------------------------------------------------------------------------------ pictures of latents
 
 
+@figures.styled
 def show_channels(latents: torch.Tensor, title: str = ""):
     """The channels of one latent (C, h, w) or (1, C, h, w) side by side, one shared colour
     scale (blue negative, red positive); returns the matplotlib figure.
@@ -68,11 +70,10 @@ def show_channels(latents: torch.Tensor, title: str = ""):
         checks.fail("latents", getattr(latents, "shape", latents), "expected one latent (C, h, w)")
     z = latents.detach().float().cpu()
     lim = float(z.abs().max()) or 1.0
-    fig, axes = plt.subplots(1, len(z), figsize=(2.4 * len(z), 2.6))
+    fig, axes = plt.subplots(1, len(z), figsize=(min(2.4 * len(z), figures.MAX_WIDTH_IN), 2.8))
     for i, ax in enumerate(np.atleast_1d(axes)):
-        im = ax.imshow(z[i].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_title(f"channel {i}")
-        ax.axis("off")
+        im = ax.imshow(z[i].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set(title=f"channel {i}", xticks=[], yticks=[])
     fig.colorbar(im, ax=list(np.atleast_1d(axes)), shrink=0.8)
     if title:
         fig.suptitle(title)
@@ -84,7 +85,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 
     Moves along the great circle between ``a`` and ``b`` (each flattened), so two equally
     long vectors give equally long mixtures. Falls back to straight (linear) interpolation
-    when they point the same way.
+    when they point the same way. A zero (or non-finite) tensor has no direction, so there is
+    no great circle: it is refused (``torch.lerp(a, b, w)`` is the straight line instead).
 
     Introduced in notebooks/04_vae_latents.ipynb.
     """
@@ -93,6 +95,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
         checks.fail("b", getattr(b, "shape", b), f"expected a tensor shaped like a "
                     f"{tuple(getattr(a, 'shape', ()))}")
     a64, b64 = a.double().flatten(), b.double().flatten()
+    for name, v in (("a", a64), ("b", b64)):
+        if not torch.isfinite(v).all() or v.norm() == 0:
+            checks.fail(name, "a zero tensor" if torch.isfinite(v).all() else "a tensor with "
+                        "nan or inf", "expected a finite tensor with a direction: slerp moves "
+                        "along the great circle between two directions (for a straight line "
+                        "use torch.lerp(a, b, w))")
     cos = torch.dot(a64, b64) / (a64.norm() * b64.norm())
     theta = torch.arccos(cos.clamp(-1, 1))
     if theta < 1e-4:
@@ -125,6 +133,11 @@ def unet_flops(unet, latent_shape, text_shape) -> int:
     if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "config"):
         checks.fail("unet", type(unet).__name__, "expected a UNet2DConditionModel, e.g. pipe.unet")
     p = next(unet.parameters())
+    if p.device.type != "meta":  # on the meta device nothing is allocated
+        check_memory("latent_shape", tuple(latent_shape), unet_memory_bytes(
+            unet.config, 1, latent_shape[1], latent_shape[2], p.element_size()),
+            "one UNet call at this latent size (count on the meta device for bigger ones)",
+            device=p.device)
     sample = torch.zeros(1, *latent_shape, device=p.device, dtype=p.dtype)
     text = torch.zeros(1, *text_shape, device=p.device, dtype=p.dtype)
     counter = FlopCounterMode(display=False)
@@ -147,6 +160,9 @@ def brightness_correlations(vae, n_images: int = 64, seed: int = 0) -> torch.Ten
     vae_scale_factor(vae)  # checks that it is a VAE
     n_images = checks.check_int("n_images", n_images, 2, 10_000)
     seed = checks.check_seed(seed)
+    check_memory("n_images", n_images, vae_memory_bytes(vae.config, n_images, 64, 64) +
+                 n_images * 64 * 64 * 3 * 4 * 4, f"encoding {n_images} pictures of 64x64 at once",
+                 device=vae.device)
     return _brightness_cached(vae, n_images, seed)[0].clone()
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import checks, finetune, generation, pipeline
 from .checks import fail
@@ -66,6 +66,32 @@ def lora_parameter_count(unet, r: int, target_modules=LORA_TARGETS) -> int:
     return total
 
 
+def _adapted_layers(unet, r: int, target_modules) -> int:
+    """Refuse ``target_modules`` that name no layer of ``unet`` (peft would add nothing to them)
+    and a rank ``r`` above the narrowest adapted layer's full rank (min(in, out) of a linear
+    layer, min(in * kh * kw, out) of a convolution): past it, B A is no longer low-rank."""
+    if isinstance(target_modules, str) or not all(isinstance(t, str) for t in target_modules):
+        fail("target_modules", target_modules, f"expected a list of layer names, e.g. "
+                                               f"{list(LORA_TARGETS)}")
+    widths = {}
+    for name, m in unet.named_modules():
+        if any(name.endswith(t) for t in target_modules) and "lora_" not in name:
+            if isinstance(m, torch.nn.Linear):
+                widths[name] = min(m.in_features, m.out_features)
+            elif isinstance(m, torch.nn.Conv2d):
+                widths[name] = min(m.in_channels * math.prod(m.kernel_size), m.out_channels)
+    missing = [t for t in target_modules if not any(n.endswith(t) for n in widths)]
+    if not target_modules or missing:
+        fail("target_modules", list(target_modules), f"expected names of the UNet's Linear or "
+                                                     f"Conv2d layers, e.g. {list(LORA_TARGETS)}; "
+                                                     f"no layer matches {missing}")
+    narrowest = min(widths, key=widths.get)
+    if r > widths[narrowest]:
+        fail("r", r, f"expected a rank <= {widths[narrowest]}, the full rank of the narrowest "
+                     f"adapted layer ({narrowest}): a higher rank is no longer low-rank")
+    return r
+
+
 def train_lora(pipe, latents, captions, class_latents=None, class_captions=None, r: int = 4,
                alpha: float | None = None, prior_weight: float = 1.0, steps: int = 250,
                lr: float = 2e-3, batch_size: int = 8, seed: int = 0,
@@ -84,11 +110,16 @@ def train_lora(pipe, latents, captions, class_latents=None, class_captions=None,
     ``finetune.P_UNCOND``), so that classifier-free guidance still has a sound
     unconditional prediction.
 
-    Returns a ``FineTuneResult``; ``extra["unet"]`` is the adapted UNet copy.
+    ``r`` is at most the narrowest adapted layer's full rank. The batch must fit in memory
+    (the estimate and the limit are in the error; ``SDKIT_MEMORY_LIMIT=32GiB`` raises the
+    limit). A progress bar shows the steps; Jupyter's stop button (KeyboardInterrupt) and a
+    non-finite loss (``lr`` too large: an error naming it) stop training, and ``pipe`` is as
+    it was. Returns a ``FineTuneResult``; ``extra["unet"]`` is the adapted UNet copy.
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
     config = _lora_config(r, alpha, target_modules)
+    _adapted_layers(pipe.unet, config.r, target_modules)
     p_uncond = checks.check_float("p_uncond", p_uncond, 0.0, 1.0)
     steps, lr, batch_size, seed = finetune._check_train_args(steps, lr, batch_size, seed,
                                                              latents, captions, pipe.tokenizer)
@@ -144,17 +175,26 @@ def load_lora(pipe, path):
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
-    path = finetune._in_path(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "r" not in meta:
-        fail("path", str(path), "expected a LoRA file written by save_lora (r in its metadata)")
+    state, meta = finetune._read(path, "a LoRA file written by save_lora")
+    try:
+        r, alpha = int(meta["r"]), float(meta["lora_alpha"])
+        targets = json.loads(meta["target_modules"])
+    except (KeyError, ValueError, TypeError) as e:
+        fail("path", str(path), f"expected a LoRA file written by save_lora (r, lora_alpha, "
+                                f"target_modules in its metadata; {type(e).__name__}: {e})")
+    config = _lora_config(r, alpha, targets)
+    _adapted_layers(pipe.unet, config.r, targets)
     unet = copy.deepcopy(pipe.unet)
-    unet.add_adapter(_lora_config(int(meta["r"]), float(meta["lora_alpha"]),
-                                  json.loads(meta["target_modules"])))
-    result = set_peft_model_state_dict(unet, load_file(str(path)))
-    if getattr(result, "unexpected_keys", None):
-        fail("path", str(path), f"keys that fit no LoRA layer: {result.unexpected_keys[:3]}")
+    unet.add_adapter(config)
+    try:
+        result = set_peft_model_state_dict(unet, state)
+    except RuntimeError as e:  # tensors of other shapes: a LoRA of another model
+        fail("path", str(path), f"a LoRA made for another UNet ({str(e).splitlines()[-1][:90]})")
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        fail("path", str(path), f"expected a LoRA of every adapted layer; keys that fit no "
+                                f"layer: {result.unexpected_keys[:2]}, layers without weights: "
+                                f"{missing[:2]}")
     unet.requires_grad_(False)
     return finetune._rebuild(pipe, unet=unet.eval())
 

@@ -34,7 +34,7 @@ from diffusers import DDPMScheduler
 from IPython.display import display
 from PIL import Image
 
-from . import checks
+from . import checks, figures
 from .images import to_pil
 from .pipeline import training_scheduler
 
@@ -119,6 +119,7 @@ def _check_alphas_cumprod(alphas_cumprod, name: str = "alphas_cumprod") -> torch
     return alphas_cumprod
 
 
+@figures.styled
 def plot_schedules(schedules: dict, highlight: str | None = None):
     """Two panels over t: ``alphas_cumprod`` (signal kept) and log SNR; returns the figure.
 
@@ -131,7 +132,7 @@ def plot_schedules(schedules: dict, highlight: str | None = None):
         checks.fail("schedules", schedules, "expected a non-empty dict name -> scheduler")
     if highlight is not None:
         checks.check_choice("highlight", highlight, schedules)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))  # constrained layout (the style)
     for name, s in schedules.items():
         a = _check_alphas_cumprod(getattr(s, "alphas_cumprod", s), f"schedules[{name!r}]")
         t = np.arange(len(a))
@@ -144,7 +145,6 @@ def plot_schedules(schedules: dict, highlight: str | None = None):
     ax2.set(xlabel="timestep t", ylabel="log SNR = log(ᾱ_t / (1 - ᾱ_t))",
             title="signal-to-noise ratio (log)")
     ax1.legend()
-    fig.tight_layout()
     return fig
 
 

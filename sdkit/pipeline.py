@@ -19,12 +19,11 @@ Device and dtype come from ``sdkit.device.get_device``. Weights are read from sa
 
 It also holds what every notebook after it shares when it runs a pipeline: the kit's default
 settings (``default_settings``, ``resolve_settings``), the prompt encoder (``encode_prompt``),
-seeded CPU generators and starting noise (``make_generators``, ``initial_latents``), one image
-or a seeded batch of them (``generate``, ``generate_images``), the training noise schedule
-(``training_scheduler``) and the kit's default sampler (``dpm_solver``).
+seeded CPU generators and starting noise (``make_generators``, ``initial_latents``, from
+``sdkit.images``), one image or a seeded batch (``generate``, ``generate_images``), the
+training noise schedule (``training_scheduler``) and the default sampler (``dpm_solver``).
 
-A function here whose docstring names no notebook serves the other sdkit modules only;
-no notebook calls it directly.
+A function here whose docstring names no notebook serves other sdkit modules only.
 
 Left out: SDXL, SD3 and other pipeline families; ``.ckpt`` conversion (do it with diffusers'
 scripts on a machine you trust); schedulers are swapped in notebook 02.
@@ -40,19 +39,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from . import checks
 from .device import get_device
+from .images import (
+    MAX_BATCH,
+    check_generation_memory,
+    initial_latents,  # noqa: F401  (re-exported: pipeline.initial_latents)
+    make_generators,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_DIR = ROOT / "data" / "toy-sd"  # the kit's own model (notebook 11 trains it)
 MAX_LENGTH = 20  # the toy's tokens per prompt, start and end tokens included (SD uses 77)
 DEFAULT_STEPS = 10  # the kit's default number of denoising steps for the toy model
 DEFAULT_GUIDANCE = 4.0  # the kit's default guidance scale for the toy model
-MAX_BATCH = 64  # images per pipeline call; bigger sets are generated in several batches
 
+_LOADING_BARS = (diffusers_logging, transformers_logging)
 MODEL_ENV = "SDKIT_MODEL"
 CONFIG_ENV = "SDKIT_MODEL_CONFIG"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -122,14 +129,15 @@ def _in_hub_cache(repo_id: str, filename: str = "model_index.json") -> bool:
 
 def _not_on_disk(model: str, why: str) -> ModelNotFoundError:
     where = "offline (HF_HUB_OFFLINE is set)" if hub_offline() else "unable to reach the hub"
-    return ModelNotFoundError(
-        f"model={model!r}: the weights are not on disk (not in the local hub cache) and this "
+    return ModelNotFoundError(checks.message(
+        "model", model, f"read as a hub id (owner/name), but there is no folder {model!r} "
+        f"relative to the current directory ({Path.cwd()}); the weights are not on disk (not "
+        f"in the local hub cache) and this "
         f"machine is {where}. Get them on a connected machine with `hf download {model}` "
         "(huggingface_hub's CLI; older versions call it `huggingface-cli download`) and copy the "
         "cache folder (~/.cache/huggingface/hub) here, or download a diffusers folder with "
         f"`hf download {model} --local-dir <folder>` and set SDKIT_MODEL=<folder>. "
-        f"Cause: {why}"
-    )
+        f"Cause: {why}"))
 
 
 def _check_offload(cpu_offload, device):
@@ -142,12 +150,15 @@ def _check_offload(cpu_offload, device):
         checks.fail("cpu_offload", cpu_offload, f"offloading needs device='cuda', got {device}")
 
 
-def _check_class(folder: Path, model):
-    info = json.loads((folder / "model_index.json").read_text())
-    name = info.get("_class_name")
-    if name not in ("StableDiffusionPipeline", None):
-        checks.fail("model", str(model), f"expected a StableDiffusionPipeline folder (SD 1.x/2.x); "
-                                         f"this one is a {name} (other families are left out)")
+def _check_class(folder: Path, model, name: str = "model", weights: bool = True):
+    """The folder's model_index.json parses and names a StableDiffusionPipeline, and every
+    component it names is there and whole (``checks.check_components``)."""
+    info = checks.read_model_index(folder, name)
+    if info["_class_name"] != "StableDiffusionPipeline":
+        checks.fail(name, str(model), f"expected a StableDiffusionPipeline folder (SD 1.x/2.x); "
+                                      f"this one is a {info['_class_name']} (other families "
+                                      "are left out)")
+    checks.check_components(folder, info, name, weights)
 
 
 def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=None, *,
@@ -157,9 +168,14 @@ def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=Non
     """Load a StableDiffusionPipeline: ``"toy"`` (default), a hub id, a folder or a file.
 
     model: ``None`` reads ``SDKIT_MODEL`` (default ``"toy"``); else ``"toy"``, a hub id, a
-        local diffusers folder, or a ``.safetensors`` single-file checkpoint. Pickle files
+        local diffusers folder, or a ``.safetensors`` single-file checkpoint (``~`` is
+        expanded; relative paths start from the current directory). Pickle files
         (``.ckpt``, ``.bin``, ``.pt``) are refused. Missing weights on an offline machine raise
-        ``ModelNotFoundError`` saying how to get them.
+        ``ModelNotFoundError`` saying how to get them. A broken model on disk (a truncated or
+        garbage ``.safetensors`` file, a component folder that ``model_index.json`` names but
+        that is missing, an empty or invalid ``model_index.json``) raises
+        ``checks.BrokenModelError`` naming the file, what was expected and what was found,
+        before diffusers reads a weight.
     device, dtype: passed to ``sdkit.get_device`` (CPU float32 on a laptop, CUDA float16 on a
         GPU); impossible requests (``"cuda"`` without CUDA) raise ``DeviceError``.
     config: for a single file only: a local diffusers folder (or hub id) whose config files
@@ -196,8 +212,18 @@ def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=Non
                 f"model='toy': the kit's own model is not on disk at {TOY_DIR}; train it with "
                 "`python -m sdkit.training train` (about an hour on a laptop CPU), or set "
                 "SDKIT_MODEL to a hub id, a diffusers folder or a .safetensors file")
-        pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR, local_files_only=True,
-                                                       trust_remote_code=False, **common)
+        _check_class(TOY_DIR, "toy")
+        # the toy loads in well under a second: no loading bars (diffusers', transformers')
+        was_enabled = [(lib, lib.is_progress_bar_enabled()) for lib in _LOADING_BARS]
+        for lib in _LOADING_BARS:
+            lib.disable_progress_bar()
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR, local_files_only=True,
+                                                           trust_remote_code=False, **common)
+        finally:
+            for lib, enabled in was_enabled:
+                if enabled:
+                    lib.enable_progress_bar()
     elif Path(text).suffix.lower() in _FILE_SUFFIXES or Path(text).exists() or \
             not _HUB_ID.match(text):
         path = checks.check_model_path(text)
@@ -240,16 +266,17 @@ def _load_from_hub(repo_id: str, no_checker: dict, common: dict):
 
 
 def _load_single_file(path: Path, config, safety_checker: bool, common: dict):
+    checks.check_checkpoint(path)
     config = config if config is not None else (os.environ.get(CONFIG_ENV, "").strip() or None)
     kwargs = dict(common)
     kwargs.pop("use_safetensors")  # the suffix was checked: .safetensors only
     if config is not None:
-        cfg = Path(config)
+        cfg = Path(os.fspath(config)).expanduser()
         if cfg.exists():
             checks.check_model_path(cfg, name="config")
             if not cfg.is_dir():
                 checks.fail("config", str(config), "expected a diffusers folder, not a file")
-            _check_class(cfg, config)
+            _check_class(cfg, config, "config", weights=False)
             kwargs.update(config=str(cfg), local_files_only=True)
             if safety_checker and (cfg / "safety_checker" / "config.json").exists():
                 from diffusers.pipelines.stable_diffusion.safety_checker import (
@@ -315,76 +342,36 @@ def encode_prompt(pipe, prompts: list[str], negative_prompts: list[str] | None =
     return cond, uncond
 
 
-def make_generators(seeds):
-    """One CPU ``torch.Generator`` for an int seed, a list of them for a list of seeds.
-
-    On the CPU, so that the same seed gives the same starting noise on every device.
-
-    Introduced in notebooks/02_reverse_denoising.ipynb.
-    """
-    if isinstance(seeds, (list, tuple)):
-        return [torch.Generator("cpu").manual_seed(checks.check_seed(s, "seeds"))
-                for s in checks.check_list("seeds", seeds)]
-    return torch.Generator("cpu").manual_seed(checks.check_seed(seeds))
-
-
-def initial_latents(pipe, generator, batch_size: int = 1, height: int | None = None,
-                    width: int | None = None, dtype=None) -> torch.Tensor:
-    """The starting noise x_T, (B, C, h, w), drawn on the CPU and moved to the UNet's device.
-
-    ``generator``: one CPU ``torch.Generator`` draws the whole batch (like
-    ``pipe(..., generator=g)``); a list gives one generator per image (like
-    ``pipe(..., generator=[g1, g2, ...])``); an int or a list of ints is a shortcut that
-    makes those generators from seeds. Not yet multiplied by ``scheduler.init_noise_sigma``.
-
-    Introduced in notebooks/02_reverse_denoising.ipynb.
-    """
-    batch_size = checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
-    f = pipe.vae_scale_factor
-    side = pipe.unet.config.sample_size * f
-    height, width = checks.check_size(side if height is None else height,
-                                      side if width is None else width, multiple=f)
-    shape = (batch_size, pipe.unet.config.in_channels, height // f, width // f)
-    dtype = dtype or pipe.unet.dtype
-    if isinstance(generator, int) or (isinstance(generator, (list, tuple))
-                                      and all(isinstance(g, int) for g in generator)):
-        generator = make_generators(generator)
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size:
-            checks.fail("generator", generator,
-                        f"expected one generator per image ({batch_size}) or a single one")
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype)
-                           for g in generator])
-    elif isinstance(generator, torch.Generator):
-        noise = torch.randn(shape, generator=generator, dtype=dtype)
-    else:
-        checks.fail("generator", generator, "expected a CPU torch.Generator, a list of them, "
-                                            "a seed or a list of seeds")
-    return noise.to(pipe.unet.device)
-
-
 @torch.no_grad()
 def generate(pipe, prompt: str, seed: int = 0, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, **kwargs):
     """One image from the pipeline call with a seeded CPU generator; returns a PIL image.
 
     Same seed, same image: the generator lives on the CPU, so the starting noise is the
-    same on every device. Other keyword arguments go to the pipeline call.
+    same on every device. The other keyword arguments are ``checks.GENERATE_OPTIONS``, checked
+    before the pipeline runs (``checks.check_generate_options``), anything else refused:
+    ``height``/``width`` (multiples of the VAE's factor, default the model's size; a size
+    whose estimated memory is over ``sdkit.device.memory_limit`` is refused: raise the
+    limit with ``SDKIT_MEMORY_LIMIT``); ``negative_prompt`` (checked as ``sampling.sample``
+    checks it; only with ``guidance_scale > 1``, where the pipeline runs an unconditional
+    branch for it to replace); ``output_type`` ("pil", "np": float (H, W, 3), "latent":
+    (C, h, w)); ``eta`` (in [0, 1], only with a scheduler whose step takes it, e.g. DDIM);
+    ``num_images_per_prompt`` (1 only: this returns one image; use ``generate_images``).
 
     Introduced in notebooks/03_text_and_cross_attention.ipynb.
     """
     steps, scale = resolve_settings(pipe, num_inference_steps, guidance_scale)
+    kwargs = checks.check_generate_options(kwargs, pipe.scheduler, pipe.tokenizer, scale)
     checks.check_prompt(prompt, pipe.tokenizer, allow_empty=scale == 0)
-    g = make_generators(seed)
-    if "height" in kwargs or "width" in kwargs:
-        # diffusers resets both to the default when only one is given: check both here
-        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        kwargs["height"], kwargs["width"] = checks.check_size(
-            side if kwargs.get("height") is None else kwargs["height"],
-            side if kwargs.get("width") is None else kwargs["width"],
-            multiple=pipe.vae_scale_factor)
+    g = make_generators(checks.check_seed(seed))
+    # diffusers resets both sides to the default when only one is given: check both here
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = checks.check_size(
+        side if kwargs.get("height") is None else kwargs["height"],
+        side if kwargs.get("width") is None else kwargs["width"], multiple=pipe.vae_scale_factor)
+    kwargs.update(height=height, width=width)
+    check_generation_memory(pipe, "height" if height >= width else "width", max(height, width),
+                            1, height, width, guidance=scale > 1)
     return pipe(prompt, num_inference_steps=steps, guidance_scale=scale, generator=g,
                 **kwargs).images[0]
 
@@ -400,12 +387,14 @@ def generate_images(pipe, prompts, seeds, num_inference_steps: int | None = None
     the empty prompt is allowed (the unconditional model, e.g. with ``guidance_scale=0``).
     ``output``: ``"pil"`` (PIL images) or ``"uint8"`` ((H, W, 3) arrays). Steps and guidance
     default to ``default_settings(pipe)``. ``known_words_only=False`` lets prompts hold words
-    the toy has no token for (a rare identifier such as ``sks`` splits into pieces).
+    the toy has no token for (a rare identifier such as ``sks`` splits into pieces). A batch,
+    or a set of images, whose estimated memory is over ``sdkit.device.memory_limit`` is
+    refused (raise the limit with ``SDKIT_MEMORY_LIMIT``); a progress bar over all steps
+    shows when the call takes more than 2 s, and an interrupt leaves the pipeline as it was.
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
     seeds = checks.check_list("seeds", seeds)
-    generators = make_generators(seeds)
     prompts = checks.check_per_seed("prompts", prompts, len(seeds))
     steps, scale = resolve_settings(pipe, num_inference_steps, guidance_scale)
     for p in set(prompts):
@@ -413,14 +402,45 @@ def generate_images(pipe, prompts, seeds, num_inference_steps: int | None = None
                             known_words_only=known_words_only)
     batch_size = checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
     output = checks.check_choice("output", output, ("pil", "uint8"))
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    check_generation_memory(pipe, "batch_size", batch_size, min(batch_size, len(seeds)), side,
+                            side, guidance=scale > 1)
+    check_generation_memory(pipe, "seeds", f"{len(seeds)} seeds", 1, side, side, scale > 1,
+                            extra_bytes=len(seeds) * side * side * 3 * 2)  # uint8 + PIL
+    generators = make_generators(seeds)  # after the memory checks: each holds a 5 KB state
+    starts = range(0, len(seeds), batch_size)
+    bar = tqdm(total=len(starts) * steps, desc=desc, leave=False, delay=2,
+               unit="step")  # shown only when the call takes more than 2 s
+    config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     images = []
-    starts = range(0, len(seeds), batch_size)
-    for i in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
-        out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=scale,
-                   generator=generators[i:i + batch_size], output_type="np").images
-        images += list((np.clip(out, 0, 1) * 255).round().astype(np.uint8))  # each (H, W, 3)
+    try:  # an interrupt (Jupyter's stop button) leaves the pipe's progress bar as it was
+        for i in starts:
+            out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=scale,
+                       generator=generators[i:i + batch_size], output_type="np",
+                       callback_on_step_end=lambda *a: (bar.update(1), a[3])[1]).images
+            images += list((np.clip(out, 0, 1) * 255).round().astype(np.uint8))  # (H, W, 3)
+    finally:
+        pipe.set_progress_bar_config(**config)
+        bar.close()
     return images if output == "uint8" else [Image.fromarray(im) for im in images]
+
+
+def sibling_pipeline(cls, pipe):
+    """A diffusers pipeline of class ``cls`` (``StableDiffusionImg2ImgPipeline``,
+    ``StableDiffusionInpaintPipeline``) on ``pipe``'s very parts (no weight is copied), to
+    compare the kit's loops with. ``requires_safety_checker`` follows ``pipe``: False when it
+    has no safety checker (the toy model, or one loaded with ``safety_checker=False``), so
+    diffusers prints no notice about a checker that was never there; a pipeline with a
+    checker keeps it.
+
+    Introduced in notebooks/07_image_to_image.ipynb.
+    """
+    if not isinstance(cls, type) or not hasattr(pipe, "components"):
+        checks.fail("cls", cls, "expected a diffusers pipeline class and a pipeline, e.g. "
+                                "sibling_pipeline(StableDiffusionImg2ImgPipeline, pipe)")
+    has_checker = getattr(pipe, "safety_checker", None) is not None
+    return cls(**pipe.components, requires_safety_checker=has_checker)
 
 
 def training_scheduler(pipe_or_scheduler) -> DDPMScheduler:

@@ -20,7 +20,8 @@ DPM-Solver++) on the pipeline's own noise schedule; ``predicted_x0`` turns a mod
 into a guess of the clean latents; ``sample(..., cached_outputs=...)`` re-steps cached model
 outputs at a new guidance scale (``sdkit.widgets.replay``, notebook 05's quick preview).
 ``Trajectory.preview`` uses a linear latent -> RGB map (``fit_latent_rgb_map``,
-``latents_to_rgb_preview``; notebook 04 explains it). Plots, sampler comparisons and
+``latents_to_rgb_preview``: the ground's, ``sdkit.images``, re-exported here; notebook 04
+explains it). Plots, sampler comparisons and
 notebook 02's exercise checker: ``sdkit.sampling_views``.
 
 Left out: img2img/inpainting starts (notebooks 07/08 build on ``Trajectory``), guidance
@@ -36,18 +37,32 @@ from typing import Any
 
 import diffusers
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from . import checks
-from .images import decode_to_pil, to_pil, to_tensor
+from .device import check_memory
+from .images import (
+    MAX_BATCH,
+    check_generation_memory,
+    decode_to_pil,
+    fit_latent_rgb_map,
+    latents_to_rgb_preview,
+    to_pil,
+    to_tensor,
+)
 from .pipeline import encode_prompt, initial_latents, make_generators, resolve_settings
 
 _SCHEDULER_CLASSES = {"DDPM": diffusers.DDPMScheduler, "DDIM": diffusers.DDIMScheduler,
                       "Euler": diffusers.EulerDiscreteScheduler,
                       "DPM-Solver++": diffusers.DPMSolverMultistepScheduler}
 SCHEDULER_NAMES = tuple(_SCHEDULER_CLASSES)  # ("DDPM", "DDIM", "Euler", "DPM-Solver++")
+# what a scheduler object handed to sample() takes from the pipeline's own scheduler config:
+# the model's training schedule and the range of its latents, never the class's defaults
+MODEL_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                       "trained_betas", "prediction_type", "rescale_betas_zero_snr",
+                       "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
+                       "thresholding", "sample_max_value", "dynamic_thresholding_ratio")
 
 
 def make_scheduler(name: str, pipe):
@@ -84,10 +99,18 @@ def _fresh_sampler(scheduler, pipe):
         return type(pipe.scheduler).from_config(pipe.scheduler.config)
     if isinstance(scheduler, str):
         return make_scheduler(scheduler, pipe)
-    if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+    if not all(hasattr(scheduler, a) for a in ("step", "set_timesteps", "config")):
         checks.fail("scheduler", scheduler, f"expected None, one of {list(SCHEDULER_NAMES)} or "
                                             "a diffusers scheduler object")
-    return type(scheduler).from_config(scheduler.config)
+    if getattr(scheduler, "order", 1) != 1 or not hasattr(scheduler, "alphas_cumprod"):
+        checks.fail("scheduler", type(scheduler).__name__, "expected a sampler with one UNet call "
+                                                           "per step and alphas_cumprod (order 1;"
+                                                           " second-order ones are left out)")
+    accepted = inspect.signature(type(scheduler).__init__).parameters
+    model = {k: pipe.scheduler.config[k] for k in MODEL_SCHEDULE_KEYS
+             if k in pipe.scheduler.config and k in accepted}
+    own = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    return type(scheduler).from_config({**own, **model})  # (listed defaults would be dropped)
 
 
 def predicted_x0(x_t: torch.Tensor, model_output: torch.Tensor, alpha_prod_t,
@@ -144,58 +167,6 @@ def _step_kwargs(scheduler, generator, eta: float) -> dict:
     if "generator" in accepted:
         kwargs["generator"] = generator
     return kwargs
-
-
-# ----------------------------------------------------------------------------- latent -> RGB
-
-
-def fit_latent_rgb_map(latents: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
-    """A linear map from a latent pixel's C channels (plus a bias) to the mean colour of the
-    f x f picture pixels it stands for, fitted by least squares: weights (C + 1, 3), rows
-    0..C-1 per channel, row C the bias.
-
-    ``latents`` (B, C, h, w); ``pictures`` (B, 3, h*f, w*f) in [-1, 1], the same pictures
-    (e.g. ``sdkit.images.to_tensor`` of the decoded images), average-pooled to (h, w).
-
-    Introduced in notebooks/04_vae_latents.ipynb.
-    """
-    if not torch.is_tensor(latents) or latents.ndim != 4:
-        checks.fail("latents", getattr(latents, "shape", latents), "expected a tensor (B, C, h, w)")
-    b, c, h, w = latents.shape
-    if (not torch.is_tensor(pictures) or pictures.shape[:2] != (b, 3)
-            or pictures.shape[2] % h or pictures.shape[3] % w
-            or pictures.shape[2] // h != pictures.shape[3] // w):
-        checks.fail("pictures", getattr(pictures, "shape", pictures),
-                    f"expected a tensor ({b}, 3, {h}*f, {w}*f) in [-1, 1]")
-    x = F.avg_pool2d(pictures.float().cpu(), pictures.shape[2] // h)  # (B, 3, h, w)
-    z = latents.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
-    design = torch.cat([z, torch.ones(len(z), 1)], dim=1).double()  # (B*h*w, C + 1)
-    rgb = x.permute(0, 2, 3, 1).reshape(-1, 3).double()  # (B*h*w, 3)
-    return torch.linalg.lstsq(design, rgb).solution.float()  # (C + 1, 3)
-
-
-def latents_to_rgb_preview(latents: torch.Tensor, weights: torch.Tensor,
-                           upsample: int = 1) -> torch.Tensor:
-    """A cheap colour preview of latents (B, C, h, w): each latent pixel's colour from the
-    linear map ``weights`` (C + 1, 3) of ``fit_latent_rgb_map``; no decoder involved. Returns
-    (B, 3, h*upsample, w*upsample) in [-1, 1] (bilinear enlargement when ``upsample`` > 1).
-
-    Introduced in notebooks/04_vae_latents.ipynb.
-    """
-    if not torch.is_tensor(weights) or weights.ndim != 2 or weights.shape[1] != 3:
-        checks.fail("weights", getattr(weights, "shape", weights),
-                    "expected a tensor (channels + 1, 3) from fit_latent_rgb_map")
-    c = weights.shape[0] - 1
-    if not torch.is_tensor(latents) or latents.ndim != 4 or latents.shape[1] != c:
-        checks.fail("latents", getattr(latents, "shape", latents),
-                    f"expected a tensor (B, {c}, h, w)")
-    upsample = checks.check_int("upsample", upsample, 1, 64)
-    z = latents.detach().float().cpu()
-    w = weights.float().cpu()
-    rgb = torch.einsum("bchw,cd->bdhw", z, w[:c]) + w[c].reshape(1, 3, 1, 1)  # (B, 3, h, w)
-    if upsample > 1:
-        rgb = F.interpolate(rgb, scale_factor=upsample, mode="bilinear", align_corners=False)
-    return rgb.clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------- the record
@@ -341,7 +312,10 @@ class Trajectory:
         weights = self._memoized("rgb_map", lambda: fit_latent_rgb_map(
             self.latents[-1], to_tensor(self.images())))
         lat = self.pred_x0[:, item] if which == "pred_x0" else self.vp_latents()[:, item]
-        size = size or self.images()[0].size[0]
+        size = self.images()[0].size[0] if size is None else checks.check_int("size", size, 8,
+                                                                               4096)
+        check_memory("size", size, len(lat) * size * size * 3 * 2, f"{len(lat)} previews of "
+                     f"{size}x{size}", device="cpu")
         return [im.resize((size, size), Image.Resampling.BILINEAR)
                 for im in to_pil(latents_to_rgb_preview(lat, weights))]
 
@@ -367,7 +341,7 @@ def sample(pipe, prompt: str | list[str], seed: int | list[int] = 0,
            height: int | None = None, width: int | None = None, eta: float = 0.0,
            text_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
            cached_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-           progress: bool = False) -> Trajectory:
+           progress: bool | None = None) -> Trajectory:
     """Run the pipeline's denoising loop and record every step in a ``Trajectory``.
 
     Same inputs, same order of operations as ``StableDiffusionPipeline.__call__`` with
@@ -383,10 +357,19 @@ def sample(pipe, prompt: str | list[str], seed: int | list[int] = 0,
     ``prompt``: a str or a list (the batch). ``seed``: an int or one per prompt.
     ``num_inference_steps``/``guidance_scale``: None gives ``default_settings(pipe)``.
     ``scheduler``: None (a fresh copy of ``pipe.scheduler``), a name from
-    ``SCHEDULER_NAMES`` or a diffusers scheduler (copied, never mutated).
-    ``negative_prompt``: replaces the empty prompt of the unconditional branch.
+    ``SCHEDULER_NAMES`` or a diffusers scheduler object, copied (never mutated) and
+    configured from the pipeline: it keeps its own sampling options but takes
+    ``MODEL_SCHEDULE_KEYS`` (betas, prediction type, zero-SNR rescaling, timestep spacing,
+    clipping) from ``pipe.scheduler.config``, so ``DDIMScheduler()`` with its defaults draws
+    like ``"DDIM"``; second-order samplers (``order`` 2) are refused.
+    ``negative_prompt``: replaces the empty prompt of the unconditional branch (not with
+    ``text_embeddings`` or ``cached_outputs``, which fix that branch already).
     ``text_embeddings``: (cond, uncond) from ``encode_prompt`` to skip the text encoder
-    (notebook 05's panel caches them). ``eta``: DDIM's noise level (0 = deterministic).
+    (notebook 05's panel caches them). ``eta``: DDIM's noise level (0 = deterministic;
+    refused non-zero for a scheduler that ignores it). At most ``MAX_BATCH`` prompts; a call
+    whose estimated memory (the UNet, the VAE and the recorded trajectory) is over
+    ``sdkit.device.memory_limit`` is refused (raise it with ``SDKIT_MEMORY_LIMIT``).
+    ``progress``: None shows a bar when the loop takes more than 2 s, True always, False never.
     ``cached_outputs``: (uncond, cond), each (S, B, C, h, w), e.g. a trajectory's
     ``noise_pred_uncond`` and ``noise_pred_cond``: step with these instead of calling the
     text encoder and the UNet. With the trajectory's own settings this gives its latents
@@ -398,20 +381,39 @@ def sample(pipe, prompt: str | list[str], seed: int | list[int] = 0,
     steps, s = resolve_settings(pipe, num_inference_steps, guidance_scale)
     eta = checks.check_float("eta", eta, 0.0, 1.0)
     prompts = checks.check_list("prompt", _as_list(prompt))
+    if len(prompts) > MAX_BATCH:
+        checks.fail("prompt", f"a list of {len(prompts)} prompts", f"expected at most {MAX_BATCH} "
+                    "prompts per call (a trajectory records every step of each); for more "
+                    "images use pipeline.generate_images, which runs them in batches")
     if cached_outputs is None:  # with cached outputs the prompts only label the result
         for p in prompts:
             checks.check_prompt(p, pipe.tokenizer, allow_empty=s == 0)
-    negatives = None
-    if negative_prompt is not None:
-        negatives = checks.check_per_seed("negative_prompt", negative_prompt, len(prompts))
-        for p in negatives:
-            checks.check_prompt(p, pipe.tokenizer, name="negative_prompt", allow_empty=True)
+    negatives = checks.check_negative_prompt(negative_prompt, pipe.tokenizer, len(prompts))
+    for given, what in ((text_embeddings, "text_embeddings"), (cached_outputs, "cached_outputs")):
+        if given is not None and (negatives is not None or what == "text_embeddings"
+                                  and cached_outputs is not None):
+            checks.fail("negative_prompt" if negatives is not None else what, "given together "
+                        f"with {what}", f"expected one of them: {what} already fix the "
+                        "unconditional branch, so the other would be ignored")
+    if progress is not None:
+        checks.check_bool("progress", progress)
     generator = make_generators(seed)  # checks the seeds
     seeds = _as_list(seed)
     if isinstance(seed, (list, tuple)) and len(seeds) != len(prompts):
         checks.fail("seed", seed, f"expected an int or one seed per prompt ({len(prompts)})")
     sched = _fresh_sampler(scheduler, pipe)
+    checks.check_eta(eta, sched)
     b = len(prompts)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    hh, ww = checks.check_size(side if height is None else height,
+                               side if width is None else width, multiple=pipe.vae_scale_factor)
+    f2 = pipe.vae_scale_factor ** 2
+    record = 4 * (steps + 1) * b * pipe.unet.config.in_channels * hh * ww // f2 * 4
+    sized = height is not None or width is not None
+    check_generation_memory(pipe, ("height" if hh >= ww else "width") if sized else "prompt",
+                            max(hh, ww) if sized else f"{b} prompt(s)", b, hh, ww)
+    check_memory("num_inference_steps", steps, record, f"the trajectory's record of {steps} "
+                 f"steps x {b} image(s)", device="cpu")
 
     # 1. text: the prompt's embedding and the empty (or negative) prompt's, one batch [uncond, cond]
     if cached_outputs is None:
@@ -442,8 +444,8 @@ def sample(pipe, prompt: str | list[str], seed: int | list[int] = 0,
 
     # 3. the loop, recorded
     rec = {k: [] for k in ("latents", "cond", "uncond", "x0", "a")}
-    for i, t in enumerate(tqdm(sched.timesteps, desc="denoising", disable=not progress,
-                               leave=False)):
+    for i, t in enumerate(tqdm(sched.timesteps, desc="denoising", disable=progress is False,
+                               delay=0 if progress else 2, leave=False)):
         rec["latents"].append(latents.detach().float().cpu())
         x_in = sched.scale_model_input(torch.cat([latents] * 2), t)  # (2B, C, h, w)
         noise_pred_uncond, noise_pred_cond = model(i, x_in, t)

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import checks
+from . import checks, figures
+from .device import check_memory
 from .sampling import SCHEDULER_NAMES, Trajectory, sample
 
 # ----------------------------------------------------------------------------- samplers compared
@@ -44,33 +45,23 @@ def compare_schedulers(pipe, prompts: list[str], seeds: list[int],
             for name, k in tqdm(runs, desc="samplers x steps")}
 
 
-def _bare(ax, title: str = "", ylabel: str = ""):
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=9)
-    if ylabel:
-        ax.set_ylabel(ylabel, fontsize=9)
-
-
 def scheduler_grid(results: dict, item: int = 0, scale: int = 2):
     """One image per (sampler, steps) of ``compare_schedulers``' results as a labelled
-    matplotlib figure: a row per sampler, a column per number of steps.
+    matplotlib figure (``figures.image_grid``): a row per sampler, a column per number of
+    steps. ``scale``: each picture's side in inches is ``scale`` (at most 2.5).
 
     Introduced in notebooks/02_reverse_denoising.ipynb.
     """
     names = list(dict.fromkeys(n for n, _ in results))
     steps = sorted({k for _, k in results})
-    fig, axes = plt.subplots(len(names), len(steps), squeeze=False,
-                             figsize=(0.9 * scale * len(steps), 0.9 * scale * len(names)))
-    for r, n in enumerate(names):
-        for c, k in enumerate(steps):
-            axes[r, c].imshow(results[(n, k)][item])
-            _bare(axes[r, c], f"{k} steps" if r == 0 else "", n if c == 0 else "")
-    fig.tight_layout()
-    return fig
+    scale = checks.check_int("scale", scale, 1, 16)
+    return figures.image_grid([[results[(n, k)][item] for k in steps] for n in names],
+                              row_titles=names, col_titles=[f"{k} steps" for k in steps],
+                              size=min(float(scale), 2.5),
+                              title="the same prompt and seed, by sampler and number of steps")
 
 
+@figures.styled
 def plot_accuracy(accuracy: dict, ylabel: str = "prompts drawn right (checker)"):
     """Line plot of {(sampler, steps): value}: one line per sampler over the number of steps.
 
@@ -85,15 +76,15 @@ def plot_accuracy(accuracy: dict, ylabel: str = "prompts drawn right (checker)")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set(xlabel="number of denoising steps", ylabel=ylabel, ylim=(-0.05, 1.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title("prompts drawn right, by sampler")
+    ax.legend()
     return fig
 
 
 # ----------------------------------------------------------------------------- one trajectory
 
 
-def plot_trajectory(traj: Trajectory, item: int = 0, max_steps: int = 10, vae: bool = True):
+def plot_trajectory(traj: Trajectory, item: int = 0, max_steps: int = 5, vae: bool = True):
     """A matplotlib figure: x_t (top row) and the predicted x_0 (bottom row) at each step.
 
     ``max_steps``: at most this many evenly spaced steps (first and last included).
@@ -106,16 +97,11 @@ def plot_trajectory(traj: Trajectory, item: int = 0, max_steps: int = 10, vae: b
     idx = sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, max_steps))})
     xt = traj.latent_images(item) if vae else traj.preview("latents", item)
     x0 = traj.pred_x0_images(item) if vae else traj.preview("pred_x0", item)
-    fig, axes = plt.subplots(2, len(idx), figsize=(1.5 * len(idx), 3.4), squeeze=False)
-    for col, i in enumerate(idx):
-        for row, (ims, label) in enumerate(((xt, "x_t"), (x0, "predicted x_0"))):
-            axes[row, col].imshow(ims[i])
-            _bare(axes[row, col], ylabel=label if col == 0 else "")
-        axes[0, col].set_title(f"step {i}\nt={int(traj.timesteps[i])}", fontsize=9)
-    fig.suptitle(f"{traj.prompts[item]!r}, {traj.scheduler}, s={traj.guidance_scale:g}",
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
+    return figures.image_grid([[xt[i] for i in idx], [x0[i] for i in idx]],
+                              row_titles=["x_t", "predicted x_0"],
+                              col_titles=[f"step {i}, t={int(traj.timesteps[i])}" for i in idx],
+                              title=f"{traj.prompts[item]!r}, {traj.scheduler}, "
+                                    f"s={traj.guidance_scale:g}")
 
 
 def trajectory_gif(traj: Trajectory, path=None, item: int = 0, scale: int = 3,
@@ -128,7 +114,11 @@ def trajectory_gif(traj: Trajectory, path=None, item: int = 0, scale: int = 3,
     """
     scale = checks.check_int("scale", scale, 1, 16)
     ms_per_frame = checks.check_int("ms_per_frame", ms_per_frame, 20, 10_000)
-    xt, x0 = Trajectory.checked(traj).latent_images(item), traj.pred_x0_images(item)
+    n, (h, w) = Trajectory.checked(traj).num_inference_steps, traj.latents.shape[-2:]
+    f = traj.pipe.vae_scale_factor if traj.pipe is not None else 8
+    check_memory("scale", scale, (n + 3) * (2 * w * f + 4) * h * f * scale**2 * 3 * 2,
+                 f"{n + 3} frames enlarged {scale} times", device="cpu")
+    xt, x0 = traj.latent_images(item), traj.pred_x0_images(item)
     w, h = xt[0].size
     frames = []
     for a, b in list(zip(xt, x0)) + [(xt[-1], xt[-1])] * 2:

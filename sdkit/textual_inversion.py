@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import checks, finetune, pipeline
 from .checks import fail
@@ -83,7 +83,11 @@ def train_textual_inversion(pipe, latents, captions, token: str = "<star>",
     every other row at exactly its old value (AdamW without weight decay leaves a parameter
     with zero gradient untouched). The UNet and VAE are frozen and shared.
 
-    Returns a ``FineTuneResult`` whose ``extra`` holds ``tokenizer``, ``text_encoder``,
+    The batch must fit in memory (the error gives the estimate and the limit;
+    ``SDKIT_MEMORY_LIMIT=32GiB`` raises it). A progress bar shows the steps; Jupyter's stop
+    button (KeyboardInterrupt) and a non-finite loss (``lr`` too large: an error naming it)
+    stop training, and ``pipe`` (tokenizer, embedding table, UNet's requires_grad) is as it
+    was. Returns a ``FineTuneResult`` whose ``extra`` holds ``tokenizer``, ``text_encoder``,
     ``token`` and ``token_id``.
 
     Introduced in notebooks/09_fine_tuning.ipynb.
@@ -137,15 +141,22 @@ def save_embedding(result: finetune.FineTuneResult, path) -> Path:
 
 def load_embedding(pipe, path):
     """A new pipeline whose copied tokenizer and text encoder know the word saved in
-    ``path`` (``pipe`` itself is left unchanged).
+    ``path``. All or nothing: the file is checked (one token, one finite vector of the text
+    encoder's width) before anything changes, and only copies change: ``pipe``'s tokenizer
+    and embedding table are left exactly as they were, whatever happens.
 
     Introduced in notebooks/09_fine_tuning.ipynb.
     """
-    state = load_file(str(finetune._in_path(path)))
+    state, _ = finetune._read(path, "a learned word written by save_embedding")
     if len(state) != 1:
-        fail("path", str(path), f"expected one token in the file, found {list(state)}")
+        fail("path", str(path), f"expected one token in the file, found {list(state)[:4]}")
     (token, row), = state.items()
     init_id = _check_token(pipe.tokenizer, token, "a")
+    d = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    if row.shape != (d,) or not row.is_floating_point() or not torch.isfinite(row).all():
+        fail("path", str(path), f"expected one finite vector of {d} numbers (this text "
+                                f"encoder's width) for {token}; found {row.dtype} "
+                                f"{tuple(row.shape)}")
     tokenizer, text_encoder = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.text_encoder)
     token_id = _add_token(tokenizer, text_encoder, token, init_id)
     with torch.no_grad():

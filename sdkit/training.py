@@ -27,12 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from . import checks, shapes
+from . import checks, device, finetune, shapes
 from .images import decode, encode, psnr, to_tensor
 from .pipeline import MAX_LENGTH, TOY_DIR, dpm_solver
 
@@ -187,9 +186,8 @@ def _save_ckpt(path: Path, modules: dict, opt, step: int):
 
 
 def _load_ckpt(path: Path, modules: dict, opt) -> dict:
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
+    tensors, meta = finetune._read(path, "a checkpoint written by sdkit.training")
+    meta = json.loads(meta["meta"])
     for name, m in modules.items():
         pre = f"{name}/"
         m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
@@ -212,6 +210,7 @@ def training_data(n: int, seed: int = 0):
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
     n, seed = checks.check_int("n", n, 1, shapes.MAX_DATASET), checks.check_seed(seed)
+    device.check_memory("n", n, 2 * n * 3 * shapes.SIZE**2, f"{n:,} pictures (uint8)", "cpu")
     held = shapes.heldout_captions()
     drawn = (shapes.make_example(s) for s in itertools.count(seed))
     kept = itertools.islice((e for e in drawn if e.caption not in held), n)
@@ -221,11 +220,13 @@ def training_data(n: int, seed: int = 0):
 
 def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """Scaled latents (posterior means x ``vae.config.scaling_factor``) of many pictures,
-    ``batch`` at a time: (N, 4, 16, 16).
+    ``batch`` at a time: (N, 4, 16, 16). A batch must fit in memory (the error says so).
 
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
     batch = checks.check_int("batch", batch, 1, 4096)
+    need = 16 * batch * max(vae.config.block_out_channels) * math.prod(np.shape(images)[1:3])
+    device.check_memory("batch", batch, need, f"batches of {batch} pictures (VAE)", vae.device)
     starts = tqdm(range(0, len(images), batch), desc="encoding latents", leave=False)
     return torch.cat([encode(vae, images[i:i + batch]) for i in starts])  # (N, 4, 16, 16)
 
@@ -247,6 +248,8 @@ def heldout_psnr(vae, n: int = 256) -> float:
     Introduced in notebooks/11_training_from_scratch.ipynb.
     """
     n = checks.check_int("n", n, 1, 4096)
+    device.check_memory("n", n, 32 * n * max(vae.config.block_out_channels) * shapes.SIZE**2,
+                        f"{n} pictures through the VAE and back", vae.device)
     held = to_tensor(shapes.make_dataset(n, seed=HELDOUT_SEED)[0])  # (n, 3, 64, 64)
     return psnr(decode(vae, encode(vae, held)), held)
 
@@ -280,6 +283,7 @@ def _train_vae(workdir: Path, images: np.ndarray, steps: int, batch: int = 32, c
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        finetune._finite(loss, "steps", steps, f"a finite VAE loss; at step {step + 1} it")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -315,6 +319,7 @@ def _train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: f
             g["lr"] = _lr(step, steps, lr, warmup=20)
         idx = torch.randint(0, n_images, (batch,), generator=gen)
         loss = F.mse_loss(vae.decode(z_all[idx]).sample, x_all[idx])
+        finetune._finite(loss, "steps", steps, f"a finite decoder loss; at step {step + 1} it")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -359,6 +364,7 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
             g["lr"] = _lr(step, steps, lr)
         cond = text_encoder(ids)[0]  # (B, 20, 128)
         loss = F.mse_loss(unet(x_t, t, cond).sample, target)
+        finetune._finite(loss, "steps", steps, f"a finite UNet loss; at step {step + 1} it")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -33,7 +33,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 from tqdm.auto import tqdm
 
-from . import checks, pipeline, shapes
+from . import checks, device, finetune, pipeline, shapes
 from .images import to_tensor
 
 EMBED_DIM = 128  # the shared image-text embedding width
@@ -207,6 +207,7 @@ def _pictures(images, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 _CACHE: dict = {}
+_BROKEN = "expected finite text features (are the text encoder's weights NaN?): the "
 
 
 def _fingerprint(pipe) -> tuple:
@@ -220,6 +221,11 @@ def fit(pipe, seed: int = 0, n_images: int = 3000, encoder_steps: int = 300,
 
     Deterministic by ``seed`` (its own RNGs; the global torch RNG is left as it was).
     Calling again with the same pipe and arguments returns the cached model at once.
+    The pictures (``n_images`` of them, kept as float32) and a ``batch``'s activations must
+    fit in memory: the error gives the estimate and the limit (``SDKIT_MEMORY_LIMIT=32GiB``
+    raises it). A progress bar shows the steps (``progress=False`` hides it); Jupyter's stop
+    button (KeyboardInterrupt) stops it with nothing cached, and a non-finite loss stops it
+    with an error.
 
     Introduced in notebooks/10_image_variations.ipynb.
     """
@@ -228,10 +234,18 @@ def fit(pipe, seed: int = 0, n_images: int = 3000, encoder_steps: int = 300,
     encoder_steps = checks.check_int("encoder_steps", encoder_steps, 0, 100_000)
     projector_steps = checks.check_int("projector_steps", projector_steps, 0, 100_000)
     batch = checks.check_int("batch", batch, 2, n_images)
+    progress = checks.check_bool("progress", progress)
     key = (_fingerprint(pipe), seed, n_images, encoder_steps, projector_steps, batch)
     if key in _CACHE:
         return _CACHE[key]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the estimate's encoder draws weights too
+        enc = ImageEncoder()
+        per_item = device._per_sample_bytes(enc, lambda: enc(torch.zeros(1, 3, shapes.SIZE,
+                                                                          shapes.SIZE)))
+        picture = 3 * shapes.SIZE * shapes.SIZE  # one drawn picture: uint8, then float32
+        device.check_memory("n_images", n_images, n_images * (6 * picture + 4 * EMBED_DIM)
+                            + batch * per_item, f"{n_images:,} training pictures and batches "
+                            f"of {batch}", "cpu")
         torch.manual_seed(seed)
         model = _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress)
     _CACHE[key] = model
@@ -251,10 +265,11 @@ def _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress):
     params = [*model.encoder.parameters(), *model.text_projection.parameters(), model.logit_scale]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     losses = []
-    for _ in range(encoder_steps):
+    for step in range(encoder_steps):
         idx = torch.randint(0, n_images, (batch,), generator=gen)
         loss = info_nce(model.encoder(images[idx]), model.text_projection(pooled[index[idx]]),
                         model.logit_scale)
+        finetune._finite(loss, "pipe", "its text features", _BROKEN + f"InfoNCE at step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -273,12 +288,13 @@ def _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress):
     model.embeds_std.copy_(embeds.std(0) + 1e-6)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
-    for _ in range(projector_steps):
+    for step in range(projector_steps):
         idx = torch.randint(0, n_images, (batch,), generator=gen)
         levels = torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,), generator=gen)
         noise = torch.randn(batch, EMBED_DIM, generator=gen)
         x = noise_augment(model, embeds[idx], levels, noise=noise)
         loss = F.mse_loss(model.projector(x, levels), hidden[index[idx]])
+        finetune._finite(loss, "pipe", "its text features", _BROKEN + f"the MSE at step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -326,7 +342,8 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
 
     For each seed, a CPU generator draws the embedding's noise first and then the
     starting latents (unCLIP's order); the projected hidden states go to the unchanged
-    pipeline as ``prompt_embeds`` (the empty prompt is the unconditional side).
+    pipeline as ``prompt_embeds`` (the empty prompt is the unconditional side). ``model``
+    must be ``fit`` on this pipe; four seeds or more show a progress bar.
 
     Introduced in notebooks/10_image_variations.ipynb.
     """
@@ -338,7 +355,12 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
     if len(emb) != 1:
         checks.fail("image", f"{len(emb)} pictures", "expected one picture")
     out = []
-    for g in generators:
+    if (model.projector.seq_len, model.projector.hidden) != tuple(hidden_shape := (
+            pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)):
+        checks.fail("model", f"a ToyUnCLIP for ({model.projector.seq_len}, "
+                             f"{model.projector.hidden}) text states", f"expected one fit on "
+                             f"this pipe, whose text states are {hidden_shape}")
+    for g in tqdm(generators, desc="variations", disable=len(generators) < 4):
         x = noise_augment(model, emb, level, generator=g)
         hidden = model.projector(x, torch.tensor([level])).to(pipe.device, pipe.unet.dtype)
         out.append(pipe(prompt_embeds=hidden, num_inference_steps=steps, guidance_scale=scale,

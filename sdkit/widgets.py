@@ -55,13 +55,13 @@ import time
 from collections import OrderedDict
 
 import ipywidgets as W
-import matplotlib.pyplot as plt
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
 from tqdm.auto import tqdm
+from traitlets import validate
 
-from . import checks, images, sampling
+from . import checks, device, figures, images, sampling
 from .pipeline import default_settings, encode_prompt, is_toy
 
 CSS = {
@@ -71,6 +71,29 @@ CSS = {
     "status": "sdkit-status", "error": "sdkit-error",
 }
 MAX_THUMBS = 10  # steps shown in the x_0 strip at most (evenly spaced, first and last included)
+
+
+def _refusing(cls):
+    """A bounded ipywidget class that refuses a value outside [min, max] instead of clamping it
+    (ipywidgets' own behaviour): the value stays as it was and the widget's ``refused(widget,
+    value)`` callback, when set, is told (the panel shows it in its error line)."""
+
+    class Refusing(cls):
+        @validate("value")
+        def _validate_value(self, proposal):
+            value = proposal["value"]
+            if self.min <= value <= self.max:
+                return value
+            if getattr(self, "refused", None) is not None:
+                self.refused(self, value)
+            return self.value
+
+    Refusing.__name__ = cls.__name__
+    return Refusing
+
+
+_FloatSlider, _IntSlider, _SeedBox = map(_refusing, (W.FloatSlider, W.IntSlider,
+                                                     W.BoundedIntText))
 
 
 def replay(traj: sampling.Trajectory, guidance_scale: float) -> sampling.Trajectory:
@@ -88,9 +111,9 @@ def replay(traj: sampling.Trajectory, guidance_scale: float) -> sampling.Traject
     out = sampling.sample(traj.pipe, traj.prompts, traj.seeds if len(traj.seeds) > 1
                           else traj.seed, traj.num_inference_steps, guidance_scale,
                           scheduler=name if name in sampling.SCHEDULER_NAMES else None,
-                          negative_prompt=traj.negative_prompts, height=h, width=w,
+                          height=h, width=w,
                           cached_outputs=(traj.noise_pred_uncond, traj.noise_pred_cond))
-    out.scheduler = name + " (replayed)"
+    out.scheduler, out.negative_prompts = name + " (replayed)", traj.negative_prompts  # labels
     return out
 
 
@@ -117,12 +140,15 @@ class GuidancePanel:
 
     ``pipe``: a StableDiffusionPipeline (the toy model or real weights). The other arguments
     are the starting values (None: the kit's defaults for this pipeline, ``default_settings``),
-    checked against the sliders' ranges (``max_steps``, ``max_guidance``). ``exact``: after
+    checked against the sliders' ranges (``max_steps``, ``max_guidance``). A value set later
+    from code outside a widget's range is not clamped (as ipywidgets would): the widget keeps
+    its value and the error line says what is allowed. ``exact``: after
     an approximate preview, also compute the exact image (default True; see the module
     docstring for what is exact when). ``strip``: "vae" decodes each shown step's x_0 with the
     VAE (one batched call, memoized); "preview" uses the trajectory's cheap linear
     latent-to-RGB map instead (no VAE). ``cache_size``: how many (prompt, seed, steps,
-    sampler) settings to keep.
+    sampler) settings to keep; they must fit in memory (the error gives the estimate and the
+    limit; ``SDKIT_MEMORY_LIMIT=32GiB`` raises it).
 
     Display it as the last expression of a cell (``panel``) or with ``display(panel)``.
     Drive it from code by setting widget values (``panel.guidance_slider.value = 7.5``):
@@ -161,6 +187,11 @@ class GuidancePanel:
         self.strip_mode = checks.check_choice("strip", strip, ("vae", "preview"))
         self.image_size = checks.check_int("image_size", image_size, 32, 2048)
         self.cache_size = checks.check_int("cache_size", cache_size, 1, 10_000)
+        side = pipe.unet.config.sample_size  # a cached run keeps ~4 latents per step, float32
+        side = side if isinstance(side, int) else side[0]
+        device.check_memory("cache_size", cache_size, 16 * cache_size * max_steps * side**2
+                            * pipe.unet.config.in_channels, f"{cache_size} cached runs of up "
+                            f"to {max_steps} steps", pipe.device)
         self.pipe = pipe
 
         lay = W.Layout(width="95%")
@@ -169,12 +200,12 @@ class GuidancePanel:
         self.negative_box = W.Text(value=negative_prompt, description="negative",
                                    continuous_update=False, layout=lay,
                                    placeholder="empty: the unconditional branch uses \"\"")
-        self.guidance_slider = W.FloatSlider(value=s, min=0.0, max=max_guidance, step=0.5,
+        self.guidance_slider = _FloatSlider(value=s, min=0.0, max=max_guidance, step=0.5,
                                              description="guidance", continuous_update=False,
                                              readout_format=".1f")
-        self.steps_slider = W.IntSlider(value=steps, min=1, max=max_steps, description="steps",
+        self.steps_slider = _IntSlider(value=steps, min=1, max=max_steps, description="steps",
                                         continuous_update=False)
-        self.seed_box = W.BoundedIntText(value=seed, min=0, max=checks.SEED_MAX,
+        self.seed_box = _SeedBox(value=seed, min=0, max=checks.SEED_MAX,
                                          description="seed")
         self.scheduler_dropdown = W.Dropdown(options=list(sampling.SCHEDULER_NAMES),
                                              value=scheduler, description="sampler")
@@ -192,10 +223,11 @@ class GuidancePanel:
                            W.HBox([self.guidance_slider, self.steps_slider]),
                            W.HBox([self.seed_box, self.scheduler_dropdown])])
         self.widget = W.VBox([controls, self.error, self.image,
-                              W.HTML("<small>predicted x<sub>0</sub> at each step "
-                                     "(left: first step)</small>"),
+                              W.Label("predicted x\u2080 at each step (left: first step)"),
                               self.strip, self.status])
         self.widget.add_class(CSS["panel"])
+        for w in (self.guidance_slider, self.steps_slider, self.seed_box):
+            w.refused = self._refused
 
         self._runs: OrderedDict = OrderedDict()  # key -> {guidance: Trajectory}
         self._embeds: OrderedDict = OrderedDict()  # (prompt, negative) -> (cond, uncond)
@@ -238,11 +270,25 @@ class GuidancePanel:
         try:
             self._update()
         except Exception as e:  # shown in the panel: a notebook callback must not die
-            self.status_mode = "error"
-            self.error_text = f"{type(e).__name__}: {e}"
-            self.error.value = (f"<span style='color:#b00020'><b>{type(e).__name__}:</b> "
-                                f"{html.escape(str(e))}</span>")
+            self._error(e)
         return self.status_mode
+
+    def _refused(self, widget, value):
+        """A value outside a widget's range, set from code: said in the error line, not clamped
+        (the widget keeps its value, and the image stays)."""
+        name, hint = {id(self.guidance_slider): ("guidance_scale", "max_guidance"),
+                      id(self.steps_slider): ("num_inference_steps", "max_steps"),
+                      id(self.seed_box): ("seed", None)}[id(widget)]
+        self._error(checks.SdkitInputError(checks.message(
+            name, value, f"expected a value in [{widget.min}, {widget.max}], the panel's range"
+                         + (f" (GuidancePanel({hint}=...) widens it)" if hint else "")
+                         + f"; it keeps {widget.value}")))
+
+    def _error(self, e: Exception):
+        self.status_mode = "error"
+        self.error_text = f"{type(e).__name__}: {e}"
+        self.error.value = (f"<span style='color:#b00020'><b>{type(e).__name__}:</b> "
+                            f"{html.escape(str(e))}</span>")
 
     def _update(self):
         t0 = time.perf_counter()
@@ -271,11 +317,13 @@ class GuidancePanel:
         (``sample`` checks every setting; only checked ones enter the caches)."""
         k = (st["prompt"], st["negative_prompt"])
         emb = self._embeds.get(k)
+        negatives = checks.check_negative_prompt(k[1], self.pipe.tokenizer, 1)
         if emb is None:
-            emb = encode_prompt(self.pipe, [k[0]], None if k[1] is None else [k[1]])
+            emb = encode_prompt(self.pipe, [k[0]], negatives)
         traj = sampling.sample(self.pipe, st["prompt"], st["seed"], st["num_inference_steps"],
                                st["guidance_scale"], scheduler=st["scheduler"],
-                               negative_prompt=st["negative_prompt"], text_embeddings=emb)
+                               text_embeddings=emb)  # the negative prompt is in emb already
+        traj.negative_prompts = negatives  # so the trajectory says what its uncond branch was
         key = self._key(st)
         self._embeds[k] = emb
         self._runs.setdefault(key, {})[st["guidance_scale"]] = traj
@@ -339,20 +387,10 @@ def plot_sweep(results: dict, row_labels=None, scale: float = 1.6):
     n = len(results[cols[0]])
     if row_labels is not None and len(row_labels) != n:
         checks.fail("row_labels", row_labels, f"expected {n} labels, one per row")
-    fig, axes = plt.subplots(n, len(cols), squeeze=False,
-                             figsize=(scale * len(cols), scale * n + 0.3))
-    for c, s in enumerate(cols):
-        for r in range(n):
-            ax = axes[r, c]
-            ax.imshow(results[s][r])
-            ax.set(xticks=[], yticks=[])
-            if r == 0:
-                ax.set_title(f"s = {s:g}", fontsize=9)
-            if c == 0 and row_labels is not None:
-                ax.set_ylabel(str(row_labels[r]), fontsize=7, rotation=0, ha="right",
-                              va="center", wrap=True)
-    fig.tight_layout()
-    return fig
+    return figures.image_grid([[results[s][r] for s in cols] for r in range(n)],
+                              row_titles=None if row_labels is None else list(row_labels),
+                              col_titles=[f"s = {s:g}" for s in cols], size=scale,
+                              title="the same seeds, by guidance scale s")
 
 
 def _rescale_variants(cfg, text, phi) -> dict:

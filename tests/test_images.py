@@ -167,3 +167,27 @@ def test_hstack_sizes_and_placement():
     assert (a[:64, 104:] == (255, 0, 0)).all()
     assert images.hstack([red, red], gap=0).size == (128, 64)
     assert images.hstack([red, tall, red], gap=2, thumb=16).size == (3 * 16 + 2 * 2, 16)
+
+
+# ------------------------------------------------------------------------------ memory estimates
+
+
+def test_memory_estimates_grow_with_the_attention_and_refuse_over_the_limit(monkeypatch):
+    """SD 1.5 at 512 px needs a few GB (the UNet's 4096 x 4096 attention scores per head and
+    image, the VAE decoder's full-size activations); doubling the side multiplies the UNet's
+    attention by 16; a call over SDKIT_MEMORY_LIMIT is refused with the estimate and the limit."""
+    from sdkit.generation import SD15_UNET, SD15_VAE
+
+    unet512 = images.unet_memory_bytes(SD15_UNET, 2, 64, 64)  # a guided step at 512 px
+    assert 2 * 8 * 4096**2 * 4 <= unet512 < 4 * 2**30
+    assert 1 * 2**30 < images.vae_memory_bytes(SD15_VAE, 1, 512, 512) < 4 * 2**30
+    unet1024 = images.unet_memory_bytes(SD15_UNET, 2, 128, 128)
+    assert 12 < unet1024 / unet512 <= 16
+    assert images.unet_memory_bytes(SD15_UNET, 2, 64, 64, 2) * 2 == unet512  # float16: half
+    monkeypatch.setenv("SDKIT_MEMORY_LIMIT", "3GiB")
+    from sdkit.device import check_memory
+
+    check_memory("height", 512, unet512, "SD 1.5 at 512 px")  # fits: no error
+    with pytest.raises(ValueError, match=r"height=1024 is not allowed: SD 1.5 at 1024 px needs "
+                                         r"about .* GiB, over the memory limit of 3\.0 GiB"):
+        check_memory("height", 1024, unet1024, "SD 1.5 at 1024 px")

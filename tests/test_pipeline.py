@@ -17,7 +17,7 @@ import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 from single_file import save_single_file  # tests/single_file.py (test-only)
 
-from sdkit import pipeline
+from sdkit import checks, pipeline
 
 PROMPT = "a red circle on the left"
 OTHER = "a blue square at the top"
@@ -227,3 +227,43 @@ def test_default_sampler_rebuilt_from_the_training_schedule_is_the_shipped_one(t
     assert type(rebuilt) is type(tiny_pipe.scheduler)
     assert dict(rebuilt.config) == dict(tiny_pipe.scheduler.config)
     assert pipeline.training_scheduler(tiny_pipe.scheduler).config == train.config
+
+
+# ------------------------------------------------------------------------------ a clean screen
+
+
+def _printed(capfd, caplog) -> str:
+    """What diffusers' and transformers' loggers said since the last call (either way out)."""
+    text = capfd.readouterr().err + caplog.text
+    caplog.clear()
+    return text
+
+
+def test_sibling_pipeline_of_a_pipe_without_checker_prints_no_notice(tiny_pipe, capfd, caplog):
+    """diffusers' long safety-checker notice is for a checker that was removed from real
+    weights; a sibling of a pipeline that never had one (the toy) does not print it."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    caplog.set_level("WARNING")
+    _printed(capfd, caplog)
+    sibling = pipeline.sibling_pipeline(StableDiffusionImg2ImgPipeline, tiny_pipe)
+    assert sibling.unet is tiny_pipe.unet and sibling.safety_checker is None
+    assert sibling.config.requires_safety_checker is False
+    assert "safety checker" not in _printed(capfd, caplog)
+    StableDiffusionImg2ImgPipeline(**tiny_pipe.components)  # built by hand: the notice
+    assert "safety checker" in _printed(capfd, caplog)  # (so the check above can fail)
+
+
+def test_a_too_long_prompt_is_refused_without_the_tokenizers_warning(capfd, caplog):
+    """checks.check_prompt counts the tokens without the tokenizer's own "Token indices
+    sequence length is longer than ..." warning: the kit's refusal says it instead."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(pipeline.TOY_DIR / "tokenizer"))
+    caplog.set_level("WARNING")
+    _printed(capfd, caplog)
+    with pytest.raises(ValueError, match="expected at most 18 tokens"):
+        checks.check_prompt(" and ".join([PROMPT] * 4), tokenizer)
+    assert "Token indices sequence length" not in _printed(capfd, caplog)
+    tokenizer(" and ".join([PROMPT] * 4))  # the plain call warns: the check above can fail
+    assert "Token indices sequence length" in _printed(capfd, caplog)
