@@ -11,7 +11,8 @@
 #   make handout          handout/: the notebooks without their reference solutions
 #
 # Variables: PYTHON (python3), VENV (.venv), LAB_ARGS (e.g. --port 8899),
-# PYTEST_ARGS (e.g. notebooks/01_forward_noising.ipynb or -k device), WORKSPACE (workspace).
+# PYTEST_ARGS (e.g. notebooks/01_forward_noising.ipynb or -k device), WORKSPACE (workspace),
+# TEST_WORKERS (2: pytest-xdist workers for make test; 0 runs in one process).
 # SDKIT_THREADS (e.g. 4, or auto) sets torch's CPU threads in every kernel (sdkit/threads.py).
 
 PYTHON ?= python3
@@ -19,6 +20,7 @@ VENV ?= .venv
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 WORKSPACE ?= workspace
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -98,8 +100,11 @@ reset-notebooks:
 		mkdir -p $(WORKSPACE)-old && mv $(WORKSPACE) $$old && echo "your copies moved to $$old/"; fi
 	@$(PYTHON) -c "$$SYNC_WORKSPACE" $(WORKSPACE)
 
+# Two pytest-xdist workers, a file (or notebook) each at a time: with the thread policy (each
+# process, kernels included, takes half the CPUs) the pair fills the machine, one worker alone
+# would leave half of it idle. TEST_WORKERS=0 runs everything in this one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The browser test on every notebook (make test runs conftest.py's BROWSER_DEFAULT subset);
 # screenshots in test-artifacts/browser/<notebook>/.

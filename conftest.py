@@ -80,9 +80,17 @@ if os.environ.get("SDKIT_APPLY_SOLUTIONS", {default_apply!r}) == "1":
     exercise_solutions.install(get_ipython(), {str(REPO_DIR / "notebooks")!r})
 '''
 
-_TEST_HOME = Path(tempfile.mkdtemp(prefix="sdkit-tests-"))
+# One throw-away home per test run. `make test` runs pytest-xdist workers (``-n``): they inherit
+# the controller's SDKIT_TEST_HOME, so every kernel gets the same startup file and every refused
+# network attempt lands in the one log the controller's summary reads; the controller removes it.
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ and "SDKIT_TEST_HOME" in os.environ
+if _WORKER:
+    _TEST_HOME = Path(os.environ["SDKIT_TEST_HOME"])
+else:
+    _TEST_HOME = Path(tempfile.mkdtemp(prefix="sdkit-tests-"))
+    os.environ["SDKIT_TEST_HOME"] = str(_TEST_HOME)
 _startup = _TEST_HOME / "ipython" / "profile_default" / "startup"
-_startup.mkdir(parents=True)
+_startup.mkdir(parents=True, exist_ok=True)
 (_startup / "00-sdkit-offline.py").write_text(KERNEL_STARTUP, encoding="utf-8")
 os.environ["IPYTHONDIR"] = str(_TEST_HOME / "ipython")
 os.environ[offline_guard.LOG_ENV] = str(_TEST_HOME / "network-blocked.log")
@@ -109,8 +117,8 @@ def pytest_runtest_call(item):
 # ------------------------------------------------------------------------------ browser test
 
 # notebooks the browser test runs under `make test` (CI): the widget notebooks (02's steps
-# slider, 05's panel) and the quickest (00); `make test-browser` runs them all
-BROWSER_DEFAULT = "00,02,05"
+# slider, 06's panel) and the quickest (00); `make test-browser` runs them all
+BROWSER_DEFAULT = "00,02,06"
 BROWSER_TEST = "tests/test_browser.py::test_notebook_in_browser["
 
 
@@ -166,4 +174,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_TEST_HOME, ignore_errors=True)
+    if not _WORKER:
+        shutil.rmtree(_TEST_HOME, ignore_errors=True)

@@ -48,16 +48,17 @@ __version__ = "0.1.0"
 GROUND = ("checks", "threads", "device", "images", "figures", "shapes", "pipeline")
 NOTEBOOK_MODULES = {
     1: ("noising",),
-    2: ("sampling", "sampling_views"),
-    3: ("attention",),
-    4: ("latents",),
-    5: ("widgets",),
-    6: ("generation", "bench"),
-    7: ("img2img",),
-    8: ("inpainting",),
-    9: ("finetune", "textual_inversion", "lora", "hypernetwork"),
-    10: ("variations",),
-    11: ("training", "evaluation"),
+    2: ("sampling", "sampling_views", "samplers"),
+    3: ("unet", "unet_views"),
+    4: ("attention",),
+    5: ("latents",),
+    6: ("guidance", "widgets"),
+    7: ("generation", "bench"),
+    8: ("img2img",),
+    9: ("inpainting",),
+    10: ("finetune", "textual_inversion", "lora", "hypernetwork"),
+    11: ("variations", "unclip"),
+    12: ("training", "evaluation"),
 }
 
 __all__ = [

@@ -6,10 +6,10 @@ the query and key the layer computes, and softmax(QK^T / sqrt(d)) of the conditi
 kept, averaged over heads. Nothing is replaced or run twice: the image is bit-identical and
 capture is cheap. ``word_maps`` turns the records into one map per token.
 
-Also here: ``cross_attention_by_hand`` (notebook 03's hand computation), ``capture_io``,
+Also here: ``cross_attention_by_hand`` (notebook 04's hand computation), ``capture_io``,
 where a word sits (``prompt_tokens``, ``token_indices``), whether an object's words' map
 peaks inside it (``point_objects``; ``pointing_rate`` is the model card's figure), heatmaps,
-and the checker of notebook 03's exercise.
+and the checker of notebook 04's exercise.
 
 Left out: self-attention maps (only cross-attention says which word goes where) and
 prompt-to-prompt editing, which rewrites these maps instead of reading them.
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checks, figures, shapes
 from .pipeline import generate
+from .unet import record_calls
 
 # ----------------------------------------------------------------------------- capture
 
@@ -48,7 +49,7 @@ class AttentionStore:
     hundreds of maps). Each further call of a layer is the next step; ``reset()`` forgets all.
     The same store entered again inside its block records once; the outer exit unhooks.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
 
     def __init__(self, unet, guided: bool = True, resolutions=None, dtype=torch.float16):
@@ -144,7 +145,7 @@ class AttentionStore:
         ``steps`` (0 = the first, noisiest) and ``resolution`` (a side), default all. ``item``
         picks a prompt of a batch. Each pixel's weights over the tokens sum to 1.
 
-        Introduced in notebooks/03_text_and_cross_attention.ipynb.
+        Introduced in notebooks/04_text_and_cross_attention.ipynb.
         """
         if not self.records:
             checks.fail("store", "no records", "run a generation inside `with "
@@ -175,29 +176,27 @@ class AttentionStore:
 
 @contextlib.contextmanager
 def capture_io(module):
-    """Keep the inputs and output of every call of ``module`` (a forward hook).
+    """Keep the inputs and output of every call of an attention layer ``module``.
 
-    Yields a list that fills with one dict per call: ``hidden_states``,
-    ``encoder_hidden_states`` (None for self-attention) and ``output``, all detached.
+    Yields a list that holds, at the end of the block (also after an error), one dict per
+    call: ``hidden_states``, ``encoder_hidden_states`` (None for self-attention) and
+    ``output``, all detached: notebook 03's ``unet.record_calls`` with the tensors named as
+    an attention layer takes them.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     if not isinstance(module, torch.nn.Module):
         checks.fail("module", module, "expected a torch.nn.Module, e.g. a UNet's attn2 layer")
     calls: list[dict] = []
-
-    def hook(mod, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        calls.append({"hidden_states": x.detach().clone(),
-                      "encoder_hidden_states": None if ctx is None else ctx.detach().clone(),
-                      "output": output.detach().clone()})
-
-    handle = module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
+    with record_calls(module) as raw:
+        try:
+            yield calls
+        finally:
+            for call in raw:
+                args, kwargs = call["args"], call["kwargs"]
+                ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+                calls.append({"hidden_states": args[0] if args else kwargs["hidden_states"],
+                              "encoder_hidden_states": ctx, "output": call["output"]})
 
 
 @torch.no_grad()
@@ -208,7 +207,7 @@ def cross_attention_by_hand(attn, hidden_states, encoder_hidden_states):
     sqrt(d)) per head, (B, heads, HW, T); output = to_out(probs V with heads joined). The
     layer must be a plain one like SD's attn2 (no group norm, no residual inside).
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     if not isinstance(attn, Attention) or any(
             getattr(attn, f) is not None for f in ("group_norm", "spatial_norm", "norm_q", "norm_k")
@@ -236,7 +235,7 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     """The prompt's tokens as readable strings, start and end tokens included (CLIP marks a
     word's end with ``</w>``; it is dropped here, pieces of a word keep no mark).
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     checks.check_prompt(prompt, tokenizer, allow_empty=True, known_words_only=False)
     ids = tokenizer(prompt).input_ids
@@ -247,7 +246,7 @@ def token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     """Positions (start token = 0) of the tokens of ``word`` (a word or a phrase) in the
     tokenized prompt, first occurrence; a word split into pieces gives several positions.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     checks.check_prompt(prompt, tokenizer, known_words_only=False)
     checks.check_prompt(word, tokenizer, name="word", known_words_only=False)
@@ -274,7 +273,7 @@ def _maps(maps, name: str = "maps", shape: str = "(T, h, w)") -> torch.Tensor:
 def peak_inside(word_map: torch.Tensor | np.ndarray, mask: np.ndarray) -> bool:
     """True when the map's maximum, resized to the mask's size, falls inside the mask.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     m, mask = _maps(word_map, "word_map", "(H, W)"), np.asarray(mask)
     if mask.ndim != 2 or mask.dtype not in (np.bool_, np.uint8):
@@ -293,7 +292,7 @@ def point_objects(image, maps, prompt: str, tokenizer) -> list[dict]:
     its colour and shape tokens' maps. Returns one dict per found object: ``obj``,
     ``indices``, ``map`` (h, w), ``mask`` (64, 64) bool (the checker's blob), ``hit``.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     arr = (checks.check_image(image) * 255).round().astype(np.uint8)
     maps = _maps(maps)
@@ -319,7 +318,7 @@ def collect_pointing(pipe, prompts, seeds, num_inference_steps: int | None = Non
     Returns one dict per prompt: ``prompt``, ``seed``, ``image`` (64, 64, 3) uint8, ``maps``
     (T, 16, 16) and ``objects`` (``point_objects``' list), with a progress bar.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     prompts, seeds = checks.check_list("prompts", prompts), checks.check_list("seeds", seeds)
     if len(prompts) != len(seeds):
@@ -341,7 +340,7 @@ def pointing_rate(pipe, prompts, seeds, num_inference_steps: int | None = None,
     heads, layers and steps) peaks inside the object's blob (``collect_pointing``). Returns
     ``{"attention_pointing": share (0.0 if none found), "attention_objects": how many}``.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     found = [o["hit"] for r in collect_pointing(pipe, prompts, seeds, num_inference_steps,
                                                 guidance_scale) for o in r["objects"]]
@@ -379,7 +378,7 @@ def show_word_maps(image, maps, tokens, skip_special: bool = True, cols: int = 8
     ``len(tokens)`` maps (``prompt_tokens(tokenizer, prompt)``). Start and end tokens are
     left out unless ``skip_special=False``. Returns the matplotlib figure.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     img, maps = checks.check_image(image), _maps(maps)
     if not isinstance(tokens, (list, tuple)) or not tokens or len(tokens) > maps.shape[0]:
@@ -398,7 +397,7 @@ def show_map_rows(image, rows: dict, tokens, indices):
     maps, e.g. one per resolution or per part of the denoising), one column per token index
     in ``indices``. Each map is scaled to its own max. Returns the matplotlib figure.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     img = checks.check_image(image)
     if not isinstance(rows, dict) or not rows:
@@ -416,7 +415,7 @@ def show_pointing(results, max_objects: int = 8):
     """Objects from ``collect_pointing``: the image with the checker's blob outlined (white)
     and the peak of the object's attention map (a cross: green inside, red outside).
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     checks.check_int("max_objects", max_objects, 1, 64)
     objs = [(r, o) for r in results for o in r["objects"]][:max_objects]
@@ -445,14 +444,14 @@ def _verdict(ok: bool, text: str) -> bool:
 
 def check_head_weights(answer, attn, hidden_states, encoder_hidden_states, head: int,
                        atol: float = 1e-5) -> bool:
-    """Checker of notebook 03's exercise: one head's attention weights softmax(Q K^T / sqrt(d)),
+    """Checker of notebook 04's exercise: one head's attention weights softmax(Q K^T / sqrt(d)),
     (HW, T), for item 0 of the batch. ``answer`` is a tensor, or a function ``answer(attn,
     hidden_states, encoder_hidden_states, head)`` that computes it, tried on these inputs and
     on random ones of the same shapes (so a copy of one result does not pass). Prints what is
     right or wrong, with a hint, and returns True or False; a wrong answer (of any type, or a
     function that raises) never raises. None, or a function returning None: not solved yet.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     head = checks.check_int("head", head, 0, attn.heads - 1)
     cases = [(hidden_states, encoder_hidden_states)]

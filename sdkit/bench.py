@@ -105,7 +105,7 @@ def build_pipeline(smoke: bool = False, device="cpu", dtype=torch.float32, init_
     weights, on ``device`` in ``dtype``. ``init_device`` is where the random weights are drawn
     (the GPU draws 1 billion of them in a blink).
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     from diffusers import (
         AutoencoderKL,
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     """``python -m sdkit.bench``: parse the options (``argv``, default ``sys.argv[1:]``), run
     the benchmark, print it and, with ``--write``, record it in docs/benchmarks.md; returns 0.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     p = argparse.ArgumentParser(prog="python -m sdkit.bench", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true",

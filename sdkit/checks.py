@@ -52,6 +52,23 @@ def fail(name: str, value, allowed: str, error: type[Exception] = SdkitInputErro
     raise error(message(name, value, allowed))
 
 
+def call_answer(fn, args: tuple, fn_name: str, hint: str = ""):
+    """Call a learner's exercise function for its checker: ``(True, fn(*args))``, or
+    ``(False, None)`` after printing why there is nothing to check: it raised (``hint`` is
+    added), or it returned None, as the unsolved cell does. A learner's bug is a wrong
+    answer, never a crash of the checker or of the notebook."""
+    try:
+        got = fn(*args)
+    except Exception as e:  # noqa: BLE001 - any error of the learner's code
+        print(f"Not yet: {fn_name} raised {type(e).__name__}: {e}. {hint}".rstrip())
+        return False, None
+    if got is None:
+        print(f"Exercise not solved yet: {fn_name} returns None (fill it in, then run this "
+              "cell again).")
+        return False, None
+    return True, got
+
+
 def check_bool(name: str, value) -> bool:
     """True or False (not 0/1, not a string)."""
     if not isinstance(value, bool):
@@ -61,7 +78,8 @@ def check_bool(name: str, value) -> bool:
 
 def check_list(name: str, value) -> list:
     """A non-empty list (or tuple, or other iterable that is not a string)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    # the type, not the instance: a diffusers model's __getattr__ warns on unknown names
+    if isinstance(value, (str, bytes)) or not hasattr(type(value), "__iter__"):
         fail(name, value, "expected a list")
     value = list(value)
     if not value:
@@ -179,7 +197,7 @@ def check_prompt(prompt, tokenizer=None, name: str = "prompt", allow_empty: bool
             words = sorted({w for w in ends if not any(o != w and o.endswith(w) for o in ends)}
                            | (set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)))
             fail(name, prompt, f"the toy model has no token for {unknown}; known words: "
-                               f"{', '.join(words)} (notebook 03 shows what real CLIP does "
+                               f"{', '.join(words)} (notebook 04 shows what real CLIP does "
                                f"with unknown words)")
     return prompt
 

@@ -307,7 +307,7 @@ def _per_sample_bytes(module, call, training: bool = True) -> int:
     by ``call()`` (a forward pass of batch 1, run without gradients): training keeps every
     layer's output (their sum, plus each attention layer's (heads, N, M) weights twice);
     inference holds a few at a time (four times the largest). Used by the trainers of
-    notebooks 09-11."""
+    notebooks 10-12."""
     sizes: list[int] = []
 
     def hook(mod, args, kwargs, output):

@@ -1,4 +1,4 @@
-"""The exam of the kit's own model (notebook 11): every figure of its model card.
+"""The exam of the kit's own model (notebook 12): every figure of its model card.
 
     python -m sdkit.evaluation            # ~1 min on 2 CPU cores: print the figures, write the card
     python -m sdkit.evaluation --no-card  # prints them only
@@ -8,7 +8,7 @@ the shapes checker (one- and two-shape prompts, captions never seen in training)
 unconditional baseline, a guidance sweep, attention pointing and the speed of one image. The
 figures go to ``evaluation.json`` and into the model card (``README.md``), whose text is the
 template ``sdkit/model_card.md``. The recipe that trains the model is ``sdkit.training``;
-``check_eps_from_v`` is the learner's exam of notebook 11 (the noise a v-prediction
+``check_eps_from_v`` is the learner's exam of notebook 12 (the noise a v-prediction
 model implies).
 
 Left out: FID and CLIP scores (the shapes world has its own exact checker), GPU timings.
@@ -62,7 +62,7 @@ def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=p
     The images kept must fit in memory (``SDKIT_MEMORY_LIMIT=32GiB`` raises the limit); each
     stage shows a progress bar and stops on KeyboardInterrupt, writing nothing.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     folder = checks.check_model_path(model)
     if not folder.is_dir():
@@ -180,7 +180,7 @@ def _eps_mistakes(z_t, v, a, b) -> list[tuple[torch.Tensor, str]]:
 
 
 def check_eps_from_v(fn) -> bool:
-    """Notebook 11's exercise: ``fn(z_t, v, alphas_cumprod, t)`` must give back the noise
+    """Notebook 12's exercise: ``fn(z_t, v, alphas_cumprod, t)`` must give back the noise
     that made ``z_t`` from the v-prediction target ``v``, for a batch with one timestep per
     latent, on the toy's training schedule (zero terminal SNR), t = T included.
 
@@ -189,7 +189,7 @@ def check_eps_from_v(fn) -> bool:
     a learner's exception is a wrong answer (reported, not raised); a function returning None
     is not solved yet. Returns True or False.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     if not callable(fn):
         print(f"Not solved yet: expected a function eps_from_v(z_t, v, alphas_cumprod, t), "
@@ -202,14 +202,9 @@ def check_eps_from_v(fn) -> bool:
     z_t, v = s.add_noise(z0, noise, t), s.get_velocity(z0, noise, t)
     hint = ("Hint: write z_t and v in terms of z0 and the noise, and eliminate z0; "
             "alpha_bar_t + (1 - alpha_bar_t) = 1. Shape alphas_cumprod[t] (B,) to (B, 1, 1, 1).")
-    try:
-        got = fn(z_t.clone(), v.clone(), s.alphas_cumprod.clone(), t.clone())
-    except Exception as e:  # a learner's bug is a wrong answer, not a crash of the checker
-        print(f"Your function raised {type(e).__name__}: {e}. {hint}")
-        return False
-    if got is None:
-        print("Not solved yet: eps_from_v returns None. Fill in its body and run this cell "
-              "again.")
+    ok, got = checks.call_answer(fn, (z_t.clone(), v.clone(), s.alphas_cumprod.clone(), t.clone()),
+                                 "eps_from_v", hint)
+    if not ok:
         return False
     if not torch.is_tensor(got) or got.shape != noise.shape:
         shown = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__

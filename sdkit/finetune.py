@@ -1,21 +1,21 @@
 """Fine-tuning, the shared part: concept data, the objective, the training loop, measuring.
 
-The toy model never saw the colour purple or the shape star. Notebook 09 teaches them with
-the three classic small fine-tuning methods, each in its own module and each training a few
-parameters on the model's own objective while everything else stays frozen:
+The toy model never saw the colour purple or the shape star. Notebook 10 teaches them with
+three small fine-tuning methods, each in its own module, each training a few parameters on
+the model's own objective while everything else stays frozen:
 
 * ``sdkit.textual_inversion``: one new row of the text encoder's token-embedding matrix;
-* ``sdkit.lora``: DreamBooth with low-rank updates of the UNet (peft);
+* ``sdkit.lora``: LoRA-DreamBooth, low-rank updates next to the UNet's layers (peft);
 * ``sdkit.hypernetwork``: small MLPs in front of every cross-attention layer's keys and values.
 
-This module holds what the three share: training pictures of a concept with their captions
-(``make_concept_data``, ``fill_template``), their VAE latents (``encode_images``), the loss
-(``diffusion_loss``), the training loop every method runs, the ``FineTuneResult`` it
-returns, the checker's success rate on generated pictures (``success_rate``), plots and
-tables. The notebook's exercise checker is ``lora.check_sd15_lora_bytes``.
+This module holds what the three share: concept pictures and captions (``make_concept_data``,
+``fill_template``), their latents (``encode_images``), the loss (``diffusion_loss``), the
+training loop, the ``FineTuneResult`` it returns, the checker's success rate on generated
+pictures (``success_rate``), plots and tables. The notebook writes each method's core in
+its cells (the masked step, the peft wrapping, the processor); these run the loops.
 
-Left out: full DreamBooth (all UNet weights), training the text encoder with LoRA,
-multi-vector embeddings, learning-rate schedules, EMA, mixed precision, augmentation.
+Left out: full DreamBooth (every UNet weight), LoRA on the text encoder, multi-vector
+embeddings, learning-rate schedules, EMA, mixed precision, augmentation.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ConceptData:
     and the ``objects`` really drawn (what the checker should find); ``make_concept_data``
     makes it.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
 
     images: np.ndarray
@@ -58,12 +58,6 @@ class ConceptData:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-    def grid(self, n: int = 8, scale: int = 2):
-        """The first ``n`` pictures side by side (one PIL strip), enlarged ``scale`` times."""
-        n = checks.check_int("n", n, 1, len(self))
-        scale = checks.check_int("scale", scale, 1, 16)
-        return images.hstack(list(self.images[:n]), gap=0, thumb=self.images.shape[1] * scale)
 
 
 def make_concept_data(colours, shapes_, n: int = 16, template: str = "a {colour} {shape} {where}",
@@ -79,7 +73,7 @@ def make_concept_data(colours, shapes_, n: int = 16, template: str = "a {colour}
     ``make_concept_data(["red", "blue"], ["star"], 8, "a {colour} <star> {where}")`` draws
     red and blue stars captioned "a red <star> on the left", ...
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     n = checks.check_int("n", n, 1, 10_000)
     seed = checks.check_seed(seed)
@@ -123,7 +117,7 @@ def fill_template(template: str, n: int, colours=shapes.TRAIN_COLOURS, shapes_=(
     cycling through the colours, shapes and positions in a fixed order: prompt i uses
     ``colours[i % C]``, ``shapes_[(i // C) % S]``, ``positions[i % P]``.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     n = checks.check_int("n", n, 1, 100_000)
     colours = _words("colours", colours, shapes.COLOURS)
@@ -156,7 +150,7 @@ def encode_images(vae, pictures, size: int | None = None, batch_size: int = 64) 
     latents do not depend on how it was batched. Computed once: training then works on
     latents only and never runs the VAE.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     x = images.to_tensor(pictures, name="pictures").contiguous()  # (N, 3, H, W) in [-1, 1]
     if size is not None:
@@ -172,21 +166,24 @@ def encode_images(vae, pictures, size: int | None = None, batch_size: int = 64) 
 
 
 def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, noise, timesteps,
-                   cross_attention_kwargs=None) -> torch.Tensor:
+                   cross_attention_kwargs=None, reduction: str = "mean") -> torch.Tensor:
     """The training loss of Stable Diffusion on one batch: noise the clean ``latents`` to
     ``timesteps``, let the UNet predict, and take the mean squared error against the target
     of the schedule's ``prediction_type`` (the velocity ``scheduler.get_velocity`` for
     v-prediction, the noise itself for epsilon). ``scheduler``: the training schedule,
-    ``pipeline.training_scheduler(pipe)``.
+    ``pipeline.training_scheduler(pipe)``. ``reduction="none"``: one mean per picture, (B,),
+    so that one UNet call can serve two losses (DreamBooth's subject and class halves).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
+    reduction = checks.check_choice("reduction", reduction, ["mean", "none"])
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
     kind = scheduler.config.prediction_type
     target = scheduler.get_velocity(latents, noise, timesteps) if kind == "v_prediction" else noise
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states,
                       cross_attention_kwargs=cross_attention_kwargs).sample
-    return F.mse_loss(model_pred.float(), target.float())
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction=reduction)
+    return loss.flatten(1).mean(1) if reduction == "none" else loss  # (B,) or one number
 
 
 # ------------------------------------------------------------------------------ training
@@ -198,7 +195,7 @@ class FineTuneResult:
     parts are shared with the pipeline you passed in), the loss of every step, the number
     of trained parameters and where they live, and the wall time.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
 
     method: str
@@ -263,9 +260,10 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
            class_latents=None, prior_weight=1.0, uncond=None, p_uncond=P_UNCOND):
     """The loop shared by the three methods: sample a batch, noise it, one AdamW step.
 
-    ``encode(idx, prior)`` gives the encoder_hidden_states of the captions at ``idx``.
-    With ``class_latents`` each step adds the prior-preservation loss on a batch of the
-    model's own class pictures (DreamBooth), weighted by ``prior_weight``.
+    ``encode(idx, prior)`` gives the encoder_hidden_states of the captions at ``idx``. With
+    ``class_latents`` each step adds ``prior_weight`` times the loss on a batch of the model's
+    own class pictures (DreamBooth's prior preservation), in the same UNet call: one batch of
+    2B, subject then class, as in diffusers' DreamBooth script.
 
     ``uncond`` (1, T, d), the empty prompt's encoder_hidden_states: a share ``p_uncond`` of
     each batch trains with it instead of the caption, as the model itself was trained.
@@ -280,7 +278,7 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
     n_train = scheduler.config.num_train_timesteps
     losses = []
 
-    def batch_loss(lat, prior):
+    def draw(lat, prior):
         idx = torch.randint(0, len(lat), (batch_size,), generator=g)
         x0 = lat[idx].to(device)  # (B, 4, h, w)
         noise = torch.randn(x0.shape, generator=g).to(device)
@@ -289,17 +287,24 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
         if uncond is not None:
             drop = (torch.rand(batch_size, generator=g) < p_uncond).to(device)
             context = torch.where(drop[:, None, None], uncond.to(context.dtype), context)
-        return diffusion_loss(unet, scheduler, x0, context, noise, t)
+        return x0, context, noise, t  # diffusion_loss's order
+
+    def step_losses():  # the subject's loss, and the total
+        if class_latents is None:
+            loss = diffusion_loss(unet, scheduler, *draw(latents, False))
+            return loss, loss
+        parts = zip(draw(latents, False), draw(class_latents, True), strict=True)
+        per_picture = diffusion_loss(unet, scheduler, *(torch.cat(z) for z in parts),
+                                     reduction="none")  # (2B,)
+        loss = per_picture[:batch_size].mean()
+        return loss, loss + prior_weight * per_picture[batch_size:].mean()
 
     _check_train_memory(unet, latents, batch_size, params, class_latents is not None)
     t0 = time.time()
     bar = tqdm(range(steps), desc=desc)
     try:
         for step in bar:
-            loss = batch_loss(latents, False)
-            total = loss
-            if class_latents is not None:
-                total = loss + prior_weight * batch_loss(class_latents, True)
+            loss, total = step_losses()
             _finite(total, "lr", lr, f"expected a smaller learning rate (e.g. lr={lr / 10:g}): "
                                      f"the loss at step {step + 1} of {steps}")
             opt.zero_grad(set_to_none=True)
@@ -316,12 +321,11 @@ def _train(desc, unet, params, encode, latents, steps, lr, batch_size, seed, sch
 
 
 def _check_train_memory(unet, latents, batch_size, params, prior: bool):
-    """Refuse a batch that cannot fit: one picture's UNet activations times the batch (twice
-    with prior preservation), plus the trained parameters, their gradients and AdamW's moments."""
+    """Refuse a batch that cannot fit: a picture's UNet activations x the batch (x 2 with a
+    prior), plus the trained parameters, their gradients and AdamW's two moments."""
     p = next(unet.parameters())
     x = torch.zeros(1, *latents.shape[1:], device=p.device, dtype=p.dtype)  # (1, 4, h, w)
-    ctx = torch.zeros(1, pipeline.MAX_LENGTH, unet.config.cross_attention_dim, device=p.device,
-                      dtype=p.dtype)  # (1, T, d)
+    ctx = x.new_zeros(1, pipeline.MAX_LENGTH, unet.config.cross_attention_dim)  # (1, T, d)
     one = device._per_sample_bytes(unet, lambda: unet(x, torch.tensor([1], device=p.device), ctx))
     need = one * batch_size * (2 if prior else 1) + 4 * sum(q.numel() * q.element_size()
                                                              for q in params)
@@ -381,7 +385,7 @@ class SuccessRate:
     """The checker's verdict on generated pictures: ``rate`` (share of hits), one ``hits``
     flag and one PIL ``images`` entry per seed; ``success_rate`` makes it.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
 
     rate: float
@@ -402,8 +406,7 @@ def success_rate(pipe, prompts, seeds, targets, criterion: str = "colour_shape",
     ``"all_attributes"`` (also at the right position).
 
     The checker only knows the toy model's world, so this works for the toy model only.
-
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     if not pipeline.is_toy(pipe):
         fail("pipe", type(pipe).__name__, "expected the toy model: the shapes checker scores "
@@ -431,7 +434,7 @@ def before_after_grid(before, after, cols: int = 6,
     """A figure of pictures before (rows titled "before") and after fine-tuning (the row
     under it, "after"), same seeds, ``cols`` seeds per pair of rows (``figures.image_grid``).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     before, after = checks.check_list("before", before), checks.check_list("after", after)
     if len(before) != len(after):
@@ -446,7 +449,7 @@ def before_after_grid(before, after, cols: int = 6,
 def plot_losses(results, window: int = 20):
     """The smoothed loss curves of one or more ``FineTuneResult``s, one panel each.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     results = ([results] if isinstance(results, FineTuneResult)
                else checks.check_list("results", results))
@@ -461,15 +464,34 @@ def plot_losses(results, window: int = 20):
     return fig
 
 
+@figures.styled
+def plot_file_sizes(sizes: dict, title: str = "what each method saves, for SD 1.5"):
+    """Horizontal bars of file sizes (``{label: bytes}``) on a log scale, each labelled in
+    KB, MB or GB (powers of 1000). Introduced in notebooks/10_fine_tuning.ipynb."""
+    if not isinstance(sizes, dict) or not sizes or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+            for v in sizes.values()):
+        fail("sizes", sizes, "expected a non-empty dict {label: bytes} of positive ints")
+    labels, values = list(sizes)[::-1], [int(v) for v in sizes.values()][::-1]
+    fig, ax = plt.subplots(figsize=(min(8, figures.MAX_WIDTH_IN), 0.6 * len(sizes) + 1.2))
+    ax.barh(labels, values, color="tab:purple")
+    for y, v in enumerate(values):
+        unit, f = next(uf for uf in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1)) if v >= uf[1])
+        ax.text(v * 1.15, y, f"{v / f:.3g} {unit}", va="center")
+    ax.set(xscale="log", xlim=(min(values) / 3, max(values) * 12), xlabel="bytes (log scale)",
+           ylabel="file", title=title)
+    return fig
+
+
 def file_size(path) -> int:
-    """Size of a saved file in bytes. Introduced in notebooks/09_fine_tuning.ipynb."""
+    """Size of a saved file in bytes. Introduced in notebooks/10_fine_tuning.ipynb."""
     return _in_path(path).stat().st_size
 
 
 def summary_table(rows) -> str:
     """A Markdown table of dicts (one row each, columns from the first row's keys).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     rows = checks.check_list("rows", rows)
     cols = list(rows[0])

@@ -1,6 +1,6 @@
 """What one generation costs: weights, memory and FLOPs, for the loaded model and for SD 1.5.
 
-Notebook 06 takes a text-to-image call apart (tokenizer, text encoder, the denoising loop,
+Notebook 07 takes a text-to-image call apart (tokenizer, text encoder, the denoising loop,
 the VAE decoder) and measures it. This module keeps what it measures with:
 
 * ``parameter_counts``: weights per part;
@@ -31,19 +31,10 @@ import torch
 from . import checks
 from .device import get_device
 from .latents import unet_flops
+from .unet import SD15_UNET
 
-# Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5), its configs written out.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
-    freq_shift=0, mid_block_scale_factor=1,
-)
+# Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5), its configs written out;
+# the UNet's lives in sdkit.unet (notebook 03), re-exported here as generation.SD15_UNET.
 SD15_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -69,7 +60,7 @@ SD15_VAE_SCALE_FACTOR = 2 ** (len(SD15_VAE["block_out_channels"]) - 1)
 def parameter_counts(pipe) -> dict[str, int]:
     """Number of weights in each of the pipeline's torch modules (unet, vae, text_encoder, ...).
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     components = getattr(pipe, "components", None)
     if not isinstance(components, dict):
@@ -84,7 +75,7 @@ def parameter_counts(pipe) -> dict[str, int]:
 def sd15_parameter_counts() -> dict[str, int]:
     """Weights in SD 1.5's unet, vae and text_encoder, counted on the meta device (no memory).
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -102,7 +93,7 @@ def peak_memory_bytes(device=None) -> int:
     """Peak memory so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's
     peak resident set size (``ru_maxrss``; psutil's current RSS where ``resource`` is missing).
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     device = get_device(device, "float32").device
     if device.type == "cuda":
@@ -131,7 +122,7 @@ def unet_tflop_per_step(unet_config, height: int, width: int, vae_scale_factor: 
     UNet's ``cross_attention_dim``. Counted by ``sdkit.latents.unet_flops`` on a UNet built
     from ``unet_config`` (a dict or ``unet.config``) on the meta device: no memory, no compute.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     from diffusers import UNet2DConditionModel
 
@@ -156,7 +147,7 @@ def apply_fast_settings(pipe, compile: bool = True, compile_mode: str = "max-aut
     """The kit's fastest settings, in place: fused QKV, channels_last, SDPA (checked) and, when
     ``compile``, ``torch.compile`` of the UNet and the VAE decoder. Returns what was applied.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
@@ -194,7 +185,7 @@ def apply_fast_settings(pipe, compile: bool = True, compile_mode: str = "max-aut
 # ------------------------------------------------------------------------------ the exercise
 
 MIB = 2**20
-# (value, what it means) for the typical mistakes of notebook 06's exercise
+# (value, what it means) for the typical mistakes of notebook 07's exercise
 _BYTES_PER_WEIGHT = ((2, None), (4, "4 bytes per weight is float32; float16 takes 2"),
                      (1, "1 byte per weight is 8 bits; float16 takes 16 bits = 2 bytes"),
                      (16, "16 is float16's bits; a weight takes 16 / 8 = 2 bytes"),
@@ -229,7 +220,7 @@ def _fp16_mistakes(value: float, counts: dict[str, int]) -> list[str] | None:
 
 
 def check_sd15_fp16_mib(answer) -> bool:
-    """Notebook 06's exercise: how many MiB do SD 1.5's weights take in float16?
+    """Notebook 07's exercise: how many MiB do SD 1.5's weights take in float16?
 
     The weights of its three parts together (unet, vae, text_encoder; counted from its
     configs by ``sd15_parameter_counts``). ``answer``: a number of MiB (right to 1 MiB), or
@@ -237,7 +228,7 @@ def check_sd15_fp16_mib(answer) -> bool:
     number matches (float32's 4 bytes, MB instead of MiB, a part left out, ...); returns True
     or False, never raises.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     if answer is None:
         print("not solved yet: set sd15_fp16_mib to the MiB that SD 1.5's unet, vae and "

@@ -63,7 +63,7 @@ class HypernetworkAttnProcessor(AttnProcessor2_0):
     everything else as in the stock processor. Only for cross-attention (``attn2``):
     ``train_hypernetwork`` and ``load_hypernetwork`` set one on every ``attn2`` layer.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
 
     def __init__(self, h_k: _HypernetworkModule, h_v: _HypernetworkModule, strength: float = 1.0):
@@ -125,7 +125,7 @@ def cross_attention_layers(unet) -> list[dict]:
     one forward pass: dicts with ``name`` (the processor name), ``block``, ``resolution``
     (h, w of its latent grid), ``heads``, ``query_dim`` and ``context_dim``.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     seen = {}
     hooks = []
@@ -176,7 +176,7 @@ def _install_hypernetwork(unet, hypernetwork: _Hypernetwork, strength: float = 1
 def set_hypernetwork_strength(pipe, strength: float):
     """Scale every hypernetwork correction of a pipeline's UNet (0 = the original model).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     strength = checks.check_float("strength", strength, -10.0, 10.0)
     procs = [p for p in pipe.unet.attn_processors.values()
@@ -197,7 +197,7 @@ def _make_hypernetwork(unet, hidden: int = 64, seed: int = 0) -> _Hypernetwork:
     return _Hypernetwork(names, unet.config.cross_attention_dim, hidden).to(p.device, p.dtype)
 
 
-def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 400,
+def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 150,
                        lr: float = 5e-4, batch_size: int = 8, seed: int = 0,
                        p_uncond: float = 0.3) -> finetune.FineTuneResult:
     """Train a hypernetwork on a copy of the UNet whose weights all stay frozen.
@@ -215,7 +215,7 @@ def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 4
     stop training, and ``pipe`` is as it was. Returns a ``FineTuneResult``;
     ``extra["hypernetwork"]`` is the trained module.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     steps, lr, batch_size, seed = finetune._check_train_args(steps, lr, batch_size, seed,
                                                              latents, captions, pipe.tokenizer)
@@ -248,7 +248,7 @@ def train_hypernetwork(pipe, latents, captions, hidden: int = 64, steps: int = 4
 def save_hypernetwork(result: finetune.FineTuneResult, path) -> Path:
     """Save the hypernetwork's weights as safetensors (layer names in the metadata).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     finetune._check_result(result, "hypernetwork")
     hyper = result.extra["hypernetwork"]
@@ -263,7 +263,7 @@ def load_hypernetwork(pipe, path, strength: float = 1.0):
     """A new pipeline with a copy of ``pipe.unet`` running the hypernetwork in ``path``
     (``pipe`` itself is left unchanged).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     strength = checks.check_float("strength", strength, -10.0, 10.0)
     state, meta = finetune._read(path, "a hypernetwork file written by save_hypernetwork")

@@ -8,10 +8,10 @@ The one place for each conversion every notebook needs:
   diffusers' ``VaeImageProcessor.postprocess`` rounds, so a pipeline's output and ours agree
   bit for bit;
 - ``encode`` / ``decode``: pictures <-> *scaled* latents (B, 4, H/f, W/f), the space the UNet
-  works in (notebook 04 takes the VAE apart);
+  works in (notebook 05 takes the VAE apart);
 - ``psnr``: how close two pictures are, in dB;
 - ``fit_latent_rgb_map`` / ``latents_to_rgb_preview``: a cheap linear latent -> RGB preview
-  (notebook 04 explains it; ``sdkit.sampling`` re-exports them);
+  (notebook 05 explains it; ``sdkit.sampling`` re-exports them);
 - ``make_generators`` / ``initial_latents``: seeded CPU generators and the starting noise x_T
   (re-exported by ``sdkit.pipeline``, where the notebooks meet them);
 - ``hstack`` and ``show``: a strip of pictures, and a labelled row of them in matplotlib;
@@ -113,7 +113,7 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded as the pipelines' output is.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     return (to_numpy(x) * 255).round().astype(np.uint8)
 
@@ -146,7 +146,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     ``10 log10(1 / MSE)``. Higher is better: ~20 dB is visibly blurry, 30+ dB is close.
     Identical pictures give 120 dB (the MSE is floored at 1e-12).
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     for name, x in (("a", a), ("b", b)):
         if not torch.is_tensor(x):
@@ -172,7 +172,7 @@ def vae_scale_factor(vae) -> int:
 
     Same rule as diffusers' pipelines: ``2 ** (len(block_out_channels) - 1)``.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     return 2 ** (len(_check_vae(vae).config.block_out_channels) - 1)
 
@@ -257,7 +257,7 @@ def fit_latent_rgb_map(latents: torch.Tensor, pictures: torch.Tensor) -> torch.T
     ``latents`` (B, C, h, w); ``pictures`` (B, 3, h*f, w*f) in [-1, 1], the same pictures
     (e.g. ``sdkit.images.to_tensor`` of the decoded images), average-pooled to (h, w).
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     if not torch.is_tensor(latents) or latents.ndim != 4:
         checks.fail("latents", getattr(latents, "shape", latents), "expected a tensor (B, C, h, w)")
@@ -282,7 +282,7 @@ def latents_to_rgb_preview(latents: torch.Tensor, weights: torch.Tensor,
     linear map ``weights`` (C + 1, 3) of ``fit_latent_rgb_map``; no decoder involved. Returns
     (B, 3, h*upsample, w*upsample) in [-1, 1] (bilinear enlargement when ``upsample`` > 1).
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     if not torch.is_tensor(weights) or weights.ndim != 2 or weights.shape[1] != 3:
         checks.fail("weights", getattr(weights, "shape", weights),
@@ -386,7 +386,7 @@ def hstack(images, gap: int = 2, thumb: int | None = None):
 def show(images, titles=None, scale: float = 2.0, suptitle: str | None = None):
     """Show pictures in a row with titles (matplotlib, ``plt.show()``).
 
-    Introduced in notebooks/07_image_to_image.ipynb.
+    Introduced in notebooks/08_image_to_image.ipynb.
     """
     images = checks.check_list("images", images)
     titles = list(titles) if titles is not None else [""] * len(images)

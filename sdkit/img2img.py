@@ -4,9 +4,9 @@
 truncated schedule begins (``strength`` = how far along the schedule we start, see
 ``truncated_timesteps``) and denoises with a new prompt. Same seed, same image as diffusers'
 ``StableDiffusionImg2ImgPipeline``: the random numbers are drawn in the pipeline's order.
-``check_timesteps_answer`` is the checker of notebook 07's exercise.
+``check_timesteps_answer`` is the checker of notebook 08's exercise.
 
-The guided denoising step and the decoding of the result live here too; notebook 08's
+The guided denoising step and the decoding of the result live here too; notebook 09's
 inpainting (``sdkit.inpainting``) reuses them and adds a mask.
 
 Left out: batches of more than one picture, ``latents`` passed in, IP-adapters, resizing
@@ -101,7 +101,7 @@ def truncated_timesteps(scheduler, num_inference_steps: int, strength: float):
     Calls ``scheduler.set_timesteps`` and ``set_begin_index``; returns the timesteps tensor
     (empty when the strength is too small for a single step).
 
-    Introduced in notebooks/07_image_to_image.ipynb.
+    Introduced in notebooks/08_image_to_image.ipynb.
     """
     steps = checks.check_steps(num_inference_steps)
     strength = checks.check_strength(strength)
@@ -140,7 +140,7 @@ def img2img(pipe, image, prompt: str, strength: float, seed: int,
     interrupt leaves the pipeline as it was (the scheduler stepped is a copy).
     ``output_type``: "pil", "np" (float (H, W, 3) in [0, 1]) or "latent".
 
-    Introduced in notebooks/07_image_to_image.ipynb.
+    Introduced in notebooks/08_image_to_image.ipynb.
     """
     x = _picture(pipe, image)  # (1, 3, H, W)
     checks.check_prompt(prompt, pipe.tokenizer, allow_empty=True)
@@ -185,7 +185,7 @@ def _timesteps_hint(got: list[int], full: list[int], steps: int, strength: float
 
 
 def check_timesteps_answer(fn, pipe) -> bool:
-    """Checker of notebook 07's exercise: ``fn(num_inference_steps, strength)`` must return
+    """Checker of notebook 08's exercise: ``fn(num_inference_steps, strength)`` must return
     the timesteps (a list or tensor of ints) that ``img2img`` runs with ``pipe``'s scheduler.
 
     Tried at several step counts and strengths; prints the first wrong case with a hint on
@@ -193,7 +193,7 @@ def check_timesteps_answer(fn, pipe) -> bool:
     int(), timesteps[-0:]), or that all are right; "not solved yet" when ``fn`` is None or
     returns None. Returns True or False; never raises on a wrong answer.
 
-    Introduced in notebooks/07_image_to_image.ipynb.
+    Introduced in notebooks/08_image_to_image.ipynb.
     """
     if fn is None:
         print("not solved yet: write my_timesteps(num_inference_steps, strength).")

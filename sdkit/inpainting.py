@@ -8,12 +8,12 @@
   mask the new strip and inpaint it.
 * masks: ``dilate_mask`` (grow a mask), ``latent_mask`` (the mask the latents see);
   measures: ``outside_error``, ``vae_reconstruction`` (what the VAE alone keeps);
-  ``check_latent_mask_answer``: the checker of notebook 08's exercise.
+  ``check_latent_mask_answer``: the checker of notebook 09's exercise.
 
-The guided step, the truncated schedule and the decoding are notebook 07's
+The guided step, the truncated schedule and the decoding are notebook 08's
 (``sdkit.img2img``).
 
-Left out: dedicated 9-channel inpainting UNets (notebook 08 explains them; they need their
+Left out: dedicated 9-channel inpainting UNets (notebook 09 explains them; they need their
 own weights), ``padding_mask_crop``, IP-adapters and batches of more than one image.
 """
 
@@ -46,7 +46,7 @@ SIDES = ("left", "right")
 def dilate_mask(mask, pixels: int) -> np.ndarray:
     """Grow a mask by ``pixels`` in every direction (a square structuring element): float32.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     from scipy import ndimage
 
@@ -70,7 +70,7 @@ def latent_mask(mask, scale_factor: int) -> torch.Tensor:
     block of ``scale_factor`` x ``scale_factor`` pixels (``pipe.vae_scale_factor``: 8 for
     Stable Diffusion, 4 for the toy model). Returns (1, 1, H/f, W/f) float32.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     f = checks.check_int("scale_factor", scale_factor, 1, 64)
     shape = np.asarray(mask).shape  # the mask's own dtype goes to check_mask (0/1 ints: binary)
@@ -89,7 +89,7 @@ def latent_mask(mask, scale_factor: int) -> torch.Tensor:
 def outside_error(a, b, mask) -> float:
     """Mean absolute difference of two pictures where ``mask`` is 0, on the 0..1 scale.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     a, b = checks.check_image(a, name="a"), checks.check_image(b, name="b")
     if a.shape != b.shape:
@@ -107,7 +107,7 @@ def vae_reconstruction(pipe, image) -> np.ndarray:
     What the VAE alone keeps of a picture: the best any latent-space edit can do outside
     the edited area.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     z = images.encode(pipe.vae, _picture(pipe, image))  # (1, 4, h, w), the posterior mean
     return images.to_numpy(images.decode(pipe.vae, z))[0]
@@ -139,7 +139,7 @@ def inpaint(pipe, image, mask, prompt: str, seed: int, strength: float = 1.0,
     shows when the call takes more than 2 s; an interrupt leaves the pipeline as it was.
     ``callback(i, t, latents)`` is called after each blended step (for plots and tests).
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     x = _picture(pipe, image)  # (1, 3, H, W) in [-1, 1]
     pixel_mask = checks.check_mask(mask, tuple(x.shape[2:]))  # (H, W) in [0, 1]
@@ -201,7 +201,7 @@ def outpaint_canvas(image, new_width: int, side: str = "right"):
     The old picture keeps its pixels; the new strip repeats the old picture's edge
     column (so the VAE sees a plausible background there) and is where the mask is 1.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     arr = images.to_uint8(images.to_tensor(image, name="image", multiple=SIZE_MULTIPLE))[0]
     h, w = arr.shape[:2]
@@ -233,7 +233,7 @@ def outpaint(pipe, image, prompt: str, new_width: int, side: str = "right", seed
     describes the whole new canvas (the old part included). Returns a picture of size
     (H, new_width).
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     h, _ = images.picture_size(image)
     if h and isinstance(new_width, int) and not isinstance(new_width, bool) and new_width > 0:
@@ -287,13 +287,13 @@ def _latent_mask_hint(got: np.ndarray, mask: np.ndarray, f: int) -> str:
 
 
 def check_latent_mask_answer(fn) -> bool:
-    """Checker of notebook 08's exercise: ``fn(mask, scale_factor)`` for a (H, W) float mask
+    """Checker of notebook 09's exercise: ``fn(mask, scale_factor)`` for a (H, W) float mask
     must return the (H/f, W/f) mask of 0/1 the latents see, as ``latent_mask`` computes it.
     Prints the first wrong case with a hint about the typical mistake it matches, or that
     all are right; "not solved yet" when ``fn`` is None or returns None. Returns True or
     False, never raises.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     if fn is None:
         print("not solved yet: write my_latent_mask(mask, scale_factor).")
@@ -304,14 +304,14 @@ def check_latent_mask_answer(fn) -> bool:
     for mask, f in _exercise_masks():
         h, w = mask.shape
         want = latent_mask(mask, f)[0, 0].numpy()
+        ok, out = checks.call_answer(fn, (mask.copy(), f), "my_latent_mask",
+                                     f"(mask {h}x{w}, f={f})")
+        if not ok:
+            return False
         try:
-            out = fn(mask.copy(), f)
-            if out is None:
-                print("not solved yet: my_latent_mask returns None.")
-                return False
             got = np.asarray(out, dtype=np.float32)
-        except Exception as e:  # noqa: BLE001 - a learner's bug is a wrong answer
-            print(f"mask {h}x{w}, f={f}: your function raised {type(e).__name__}: {e}")
+        except (TypeError, ValueError):
+            print(f"mask {h}x{w}, f={f}: expected an array (H/f, W/f), got {type(out).__name__}")
             return False
         if got.shape != want.shape:
             print(f"Not quite: mask {h}x{w}, f={f}: expected shape {want.shape}, got "

@@ -3,7 +3,7 @@
 Stable Diffusion's UNet never sees pixels. The VAE encoder E turns a (3, H, W) picture
 into a (4, H/f, W/f) latent (f = 8 for SD, 4 for the kit's toy model), the latent is
 multiplied by ``vae.config.scaling_factor`` so that it has roughly unit variance, the
-diffusion runs there, and the decoder D turns the result back into pixels. Notebook 04
+diffusion runs there, and the decoder D turns the result back into pixels. Notebook 05
 takes this apart. Encoding, decoding, ``vae_scale_factor`` and ``psnr`` are the ground's
 (``sdkit.images``); the linear latent -> RGB preview is notebook 02's
 (``sdkit.sampling.fit_latent_rgb_map`` / ``latents_to_rgb_preview``: a trajectory's
@@ -13,12 +13,12 @@ previews use it). This module keeps:
 * ``show_channels``: the latent channels as images;
 * ``slerp``: spherical interpolation (the right way to mix two noise latents);
 * ``unet_flops``: the UNet's floating-point operations for one step at a given latent
-  size, the kit's one FLOP counter (notebook 06 reuses it);
-* ``brightness_correlations`` / ``check_brightness_correlations``: notebook 04's exercise
+  size, the kit's one FLOP counter (notebook 07 reuses it);
+* ``brightness_correlations`` / ``check_brightness_correlations``: notebook 05's exercise
   (which latent channel carries brightness).
 
-Left out: training the VAE (notebook 11), the KL term and the posterior's variance beyond
-``sample=True`` (which notebook 04 compares with the mean), tiled decoding of large images.
+Left out: training the VAE (notebook 12), the KL term and the posterior's variance beyond
+``sample=True`` (which notebook 05 compares with the mean), tiled decoding of large images.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def compression_factor(image_shape, latent_shape) -> float:
     ``compression_factor((3, 512, 512), (4, 64, 64)) == 48`` (SD 1.5);
     ``compression_factor((3, 64, 64), (4, 16, 16)) == 12`` (the toy model).
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     sizes = []
     for name, shape in (("image_shape", image_shape), ("latent_shape", latent_shape)):
@@ -62,7 +62,7 @@ def show_channels(latents: torch.Tensor, title: str = ""):
     """The channels of one latent (C, h, w) or (1, C, h, w) side by side, one shared colour
     scale (blue negative, red positive); returns the matplotlib figure.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     if torch.is_tensor(latents) and latents.ndim == 4 and latents.shape[0] == 1:
         latents = latents[0]
@@ -88,7 +88,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     when they point the same way. A zero (or non-finite) tensor has no direction, so there is
     no great circle: it is refused (``torch.lerp(a, b, w)`` is the straight line instead).
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     w = checks.check_float("w", w, 0.0, 1.0)
     if not torch.is_tensor(a) or not torch.is_tensor(b) or a.shape != b.shape:
@@ -120,10 +120,10 @@ def unet_flops(unet, latent_shape, text_shape) -> int:
     with ``sdkit.images.vae_scale_factor``, never assume 8); ``text_shape`` (tokens, width)
     of the text vectors. The count is linear in the batch: a guided step (batch 2) costs
     twice this. Works on a UNet built on the ``meta`` device too (shapes only, no memory, no
-    weights), which is how notebook 04 counts full-size SD without downloading it. The
-    kit's one FLOP counter: notebook 06 uses it too.
+    weights), which is how notebook 05 counts full-size SD without downloading it. The
+    kit's one FLOP counter: notebook 07 uses it too.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     for name, shape, n in (("latent_shape", latent_shape, 3), ("text_shape", text_shape, 2)):
         if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != n:
@@ -155,7 +155,7 @@ def brightness_correlations(vae, n_images: int = 64, seed: int = 0) -> torch.Ten
     toy pictures (``shapes.make_dataset(n_images, seed=seed)``, 64 px): (C,).
     Cached per model and arguments, so the exercise checker answers at once after the first call.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     vae_scale_factor(vae)  # checks that it is a VAE
     n_images = checks.check_int("n_images", n_images, 2, 10_000)
@@ -206,13 +206,13 @@ def _numbers(t: torch.Tensor) -> str:
 
 
 def check_brightness_correlations(answer, vae) -> bool:
-    """Checker for notebook 04's exercise: the correlation of each latent channel with
+    """Checker for notebook 05's exercise: the correlation of each latent channel with
     brightness over the 64 pictures ``shapes.make_dataset(64, seed=0)`` (``answer``: C numbers,
     a tensor, list or array, in channel order; see ``brightness_correlations``). Prints whether
     it is right, with a hint about the usual mistakes if not, and which channel carries
     brightness; returns True or False and never raises on an answer.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     right, wrong = _brightness_cached(vae, 64, 0)
     if answer is None:

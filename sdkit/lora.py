@@ -1,13 +1,15 @@
-"""DreamBooth with LoRA: a subject behind a rare identifier (Ruiz et al., 2022; Hu et al., 2021).
+"""LoRA-DreamBooth: a subject behind a rare identifier (Ruiz et al., 2022; Hu et al., 2021).
 
-A copy of the UNet gets low-rank updates ``W + (alpha / r) B A`` (peft) next to its
-attention projections and ResNet convolutions, and trains them on pictures of a subject
-captioned with a rare identifier ("a sks triangle on the left"), on the model's own loss
-(``finetune.diffusion_loss``). Pictures the model itself drew for the class word, trained
-on alongside (prior preservation), keep that word meaning what it meant. The pipeline you
-pass in is left exactly as it was; the matrices are saved as safetensors.
-``check_sd15_lora_bytes`` is notebook 09's exercise: the file size of such a LoRA for SD 1.5,
-worked out from the shapes of its UNet.
+DreamBooth proper fine-tunes every weight of the UNet (and, in diffusers' script, optionally
+the text encoder) on a few pictures of a subject captioned with a rare identifier ("a sks
+triangle on the left"), plus a prior-preservation loss on pictures the model itself drew
+for the class word. This module is the community's cheap version, LoRA-DreamBooth
+(diffusers' ``train_dreambooth_lora.py``): the same data and losses, but the UNet (a copy)
+stays frozen and peft adds low-rank updates ``W + (alpha / r) B A`` next to its attention
+projections and ResNet convolutions; only A and B train, on the model's own loss
+(``finetune.diffusion_loss``). The pipeline you pass in is left exactly as it was; the
+matrices are saved as safetensors. ``check_sd15_lora_bytes`` is notebook 10's exercise: the
+file size of such a LoRA for SD 1.5, worked out from the shapes of its UNet.
 
 Left out: full DreamBooth (all UNet weights), LoRA on the text encoder, merging adapters
 into the weights, several adapters at once.
@@ -26,8 +28,9 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from . import checks, finetune, generation, pipeline
+from . import checks, finetune, pipeline
 from .checks import fail
+from .unet import SD15_UNET
 
 # What LoRA adapts: the attention projections (diffusers' DreamBooth-LoRA default) and the
 # ResNet convolutions (LyCORIS calls this LoCon). A new *shape* lives in the convolutions:
@@ -51,7 +54,7 @@ def lora_parameter_count(unet, r: int, target_modules=LORA_TARGETS) -> int:
     (A is r x in, B is out x r) and ``r * (in * kh * kw + out)`` for each ``nn.Conv2d``
     (A is a kh x kw convolution to r channels, B a 1x1 one back to out).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     r = checks.check_int("r", r, 1, 1024)
     total = 0
@@ -93,19 +96,20 @@ def _adapted_layers(unet, r: int, target_modules) -> int:
 
 
 def train_lora(pipe, latents, captions, class_latents=None, class_captions=None, r: int = 4,
-               alpha: float | None = None, prior_weight: float = 1.0, steps: int = 250,
-               lr: float = 2e-3, batch_size: int = 8, seed: int = 0,
+               alpha: float | None = None, prior_weight: float = 1.0, steps: int = 100,
+               lr: float = 4e-3, batch_size: int = 8, seed: int = 0,
                target_modules=LORA_TARGETS,
                p_uncond: float = finetune.P_UNCOND) -> finetune.FineTuneResult:
-    """DreamBooth with LoRA: adapt a copy of the UNet to pictures of a subject captioned
-    with a rare identifier (``"a sks triangle on the left"``).
+    """LoRA-DreamBooth: adapt a copy of the UNet to pictures of a subject captioned with a
+    rare identifier (``"a sks triangle on the left"``).
 
     peft adds ``B @ A`` (rank ``r``, B initialised to zero so training starts from the
     model itself) next to every layer named in ``target_modules`` (default: ``to_q``,
     ``to_k``, ``to_v``, ``to_out.0`` and the ResNets' ``conv1``, ``conv2``); only A and B
     train. With ``class_latents`` / ``class_captions`` (pictures the model itself drew for
     the class, e.g. "a red triangle on the left") each step adds ``prior_weight`` times the
-    same loss on them: prior preservation keeps the class word meaning what it meant.
+    same loss on them, in the same UNet call (one batch of both, as diffusers' script
+    does): prior preservation keeps the class word meaning what it meant.
     A share ``p_uncond`` of each batch trains on the empty prompt (see
     ``finetune.P_UNCOND``), so that classifier-free guidance still has a sound
     unconditional prediction.
@@ -116,7 +120,7 @@ def train_lora(pipe, latents, captions, class_latents=None, class_captions=None,
     non-finite loss (``lr`` too large: an error naming it) stop training, and ``pipe`` is as
     it was. Returns a ``FineTuneResult``; ``extra["unet"]`` is the adapted UNet copy.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     config = _lora_config(r, alpha, target_modules)
     _adapted_layers(pipe.unet, config.r, target_modules)
@@ -157,7 +161,7 @@ def save_lora(result: finetune.FineTuneResult, path) -> Path:
     """Save the LoRA matrices (``get_peft_model_state_dict``) as safetensors, with r and
     alpha in the file's metadata.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     finetune._check_result(result, "DreamBooth LoRA")
     state = get_peft_model_state_dict(result.extra["unet"])  # lora_A / lora_B of every layer
@@ -173,7 +177,7 @@ def load_lora(pipe, path):
     """A new pipeline with a copy of ``pipe.unet`` carrying the LoRA saved in ``path``
     (``pipe`` itself is left unchanged).
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     state, meta = finetune._read(path, "a LoRA file written by save_lora")
     try:
@@ -208,7 +212,7 @@ def _sd15_lora_sizes(r: int = 4) -> dict[str, int]:
     self- or the cross-attention layers alone, without ``to_out.0``, the full matrices W, and
     with the ResNet convolutions too."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**generation.SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET)
     sizes = dict.fromkeys(("all", "a", "b", "attn1", "attn2", "no_out", "full"), 0)
     for name, m in unet.named_modules():
         if not isinstance(m, torch.nn.Linear) or not name.endswith(ATTENTION_TARGETS):
@@ -225,14 +229,14 @@ def _sd15_lora_sizes(r: int = 4) -> dict[str, int]:
 
 
 def check_sd15_lora_bytes(answer) -> bool:
-    """Notebook 09's exercise: how many bytes do the tensors of a rank-4 LoRA on every
+    """Notebook 10's exercise: how many bytes do the tensors of a rank-4 LoRA on every
     ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` of SD 1.5's UNet take in float16?
 
     ``answer``: an int number of bytes, or None (not solved yet). Prints whether it is right,
     with a hint on the typical mistakes (float32, counting only A or only B, one kind of
     attention layer, the convolutions too, ...); returns True or False and never raises.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     if answer is None:
         print("Not solved yet: set lora_fp16_bytes to the bytes of the LoRA's tensors (an int).")

@@ -54,7 +54,7 @@ from .images import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY_DIR = ROOT / "data" / "toy-sd"  # the kit's own model (notebook 11 trains it)
+TOY_DIR = ROOT / "data" / "toy-sd"  # the kit's own model (notebook 12 trains it)
 MAX_LENGTH = 20  # the toy's tokens per prompt, start and end tokens included (SD uses 77)
 DEFAULT_STEPS = 10  # the kit's default number of denoising steps for the toy model
 DEFAULT_GUIDANCE = 4.0  # the kit's default guidance scale for the toy model
@@ -86,7 +86,7 @@ def is_toy(pipe) -> bool:
 def default_settings(pipe) -> dict:
     """The kit's default ``num_inference_steps`` and ``guidance_scale`` for this pipeline.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     if is_toy(pipe):
         return {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
@@ -191,7 +191,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device=None, dtype=Non
         GPU while it runs) or ``"sequential"`` (layer by layer; least memory, slowest). CUDA
         only; elsewhere an error.
 
-    Introduced in notebooks/06_full_generation.ipynb.
+    Introduced in notebooks/07_full_generation.ipynb.
     """
     model = model if model is not None else os.environ.get(MODEL_ENV, "").strip() or "toy"
     if not isinstance(model, (str, os.PathLike)):
@@ -358,7 +358,7 @@ def generate(pipe, prompt: str, seed: int = 0, num_inference_steps: int | None =
     (C, h, w)); ``eta`` (in [0, 1], only with a scheduler whose step takes it, e.g. DDIM);
     ``num_images_per_prompt`` (1 only: this returns one image; use ``generate_images``).
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     steps, scale = resolve_settings(pipe, num_inference_steps, guidance_scale)
     kwargs = checks.check_generate_options(kwargs, pipe.scheduler, pipe.tokenizer, scale)
@@ -392,7 +392,7 @@ def generate_images(pipe, prompts, seeds, num_inference_steps: int | None = None
     refused (raise the limit with ``SDKIT_MEMORY_LIMIT``); a progress bar over all steps
     shows when the call takes more than 2 s, and an interrupt leaves the pipeline as it was.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     seeds = checks.check_list("seeds", seeds)
     prompts = checks.check_per_seed("prompts", prompts, len(seeds))
@@ -434,7 +434,7 @@ def sibling_pipeline(cls, pipe):
     diffusers prints no notice about a checker that was never there; a pipeline with a
     checker keeps it.
 
-    Introduced in notebooks/07_image_to_image.ipynb.
+    Introduced in notebooks/08_image_to_image.ipynb.
     """
     if not isinstance(cls, type) or not hasattr(pipe, "components"):
         checks.fail("cls", cls, "expected a diffusers pipeline class and a pipeline, e.g. "
@@ -480,7 +480,7 @@ def training_info(folder=TOY_DIR) -> dict:
     """What ``python -m sdkit.training train`` recorded in the model folder (recipe, minutes,
     loss curve), read from its ``training.json``; {} if none.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     return _read_json(folder, "training.json")
 
@@ -490,7 +490,7 @@ def evaluation_figures(folder=TOY_DIR) -> dict:
     folder's ``evaluation.json``; {} if it has not been run. Notebooks print the card's
     figures from here, so no number about the model is typed into their text.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     return _read_json(folder, "evaluation.json")
 

@@ -18,15 +18,17 @@ Prompt encoding, starting noise and decoding are the ground's (``sdkit.pipeline`
 ``sdkit.images``). ``make_scheduler(name, pipe)`` swaps the sampler (DDPM, DDIM, Euler,
 DPM-Solver++) on the pipeline's own noise schedule; ``predicted_x0`` turns a model output
 into a guess of the clean latents; ``sample(..., cached_outputs=...)`` re-steps cached model
-outputs at a new guidance scale (``sdkit.widgets.replay``, notebook 05's quick preview).
+outputs at a new guidance scale (``sdkit.widgets.replay``, notebook 06's quick preview).
 ``Trajectory.preview`` uses a linear latent -> RGB map (``fit_latent_rgb_map``,
-``latents_to_rgb_preview``: the ground's, ``sdkit.images``, re-exported here; notebook 04
-explains it). Plots, sampler comparisons and
-notebook 02's exercise checker: ``sdkit.sampling_views``.
+``latents_to_rgb_preview``: the ground's, ``sdkit.images``, re-exported here; notebook 05
+explains it). Plots of one run: ``sdkit.sampling_views``; sigma, the
+probability-flow ODE, the samplers compared against a many-step reference and notebook 02's
+exercise checker: ``sdkit.samplers``.
 
-Left out: img2img/inpainting starts (notebooks 07/08 build on ``Trajectory``), guidance
-rescale, IP-adapters, LCM-style guidance embeddings, and second-order samplers that call the
-UNet twice per step (Heun): every sampler here makes one UNet call per timestep.
+Left out: img2img/inpainting starts (notebooks 08/09 build on ``Trajectory``), guidance
+rescale (``sdkit.guidance``, notebook 06), IP-adapters, LCM-style guidance embeddings, and
+second-order samplers that call the UNet twice per step (Heun): every sampler here makes one
+UNet call per timestep.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def predicted_x0(x_t: torch.Tensor, model_output: torch.Tensor, alpha_prod_t,
       x_0 = sqrt(a) * x_t - sqrt(1 - a) * v
     - "sample": the model predicts x_0 itself.
 
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    Introduced in notebooks/06_guidance_and_widgets.ipynb.
     """
     checks.check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
     a = torch.as_tensor(alpha_prod_t, dtype=torch.float32).to(x_t.device)
@@ -144,7 +146,7 @@ def combine(noise_pred_uncond: torch.Tensor, noise_pred_cond: torch.Tensor,
     s = 0 gives the unconditional prediction, s = 1 the conditional one, s > 1 pushes past
     it, away from the unconditional (or negative-prompt) prediction.
 
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    Introduced in notebooks/06_guidance_and_widgets.ipynb.
     """
     return noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
 
@@ -365,7 +367,7 @@ def sample(pipe, prompt: str | list[str], seed: int | list[int] = 0,
     ``negative_prompt``: replaces the empty prompt of the unconditional branch (not with
     ``text_embeddings`` or ``cached_outputs``, which fix that branch already).
     ``text_embeddings``: (cond, uncond) from ``encode_prompt`` to skip the text encoder
-    (notebook 05's panel caches them). ``eta``: DDIM's noise level (0 = deterministic;
+    (notebook 06's panel caches them). ``eta``: DDIM's noise level (0 = deterministic;
     refused non-zero for a scheduler that ignores it). At most ``MAX_BATCH`` prompts; a call
     whose estimated memory (the UNet, the VAE and the recorded trajectory) is over
     ``sdkit.device.memory_limit`` is refused (raise it with ``SDKIT_MEMORY_LIMIT``).
@@ -374,7 +376,7 @@ def sample(pipe, prompt: str | list[str], seed: int | list[int] = 0,
     ``noise_pred_uncond`` and ``noise_pred_cond``: step with these instead of calling the
     text encoder and the UNet. With the trajectory's own settings this gives its latents
     back exactly; with a new guidance scale it is exact at step 0 only (later steps' x_t
-    differ from the ones the outputs were computed at): a preview, as in notebook 05's panel.
+    differ from the ones the outputs were computed at): a preview, as in notebook 06's panel.
 
     Introduced in notebooks/02_reverse_denoising.ipynb.
     """

@@ -7,7 +7,7 @@ Everything is deterministic by seed and drawn with numpy in a fraction of a mill
 
 The module also holds the *checker*: a deterministic pixel reader that finds the coloured
 blobs in an image and reads colour, shape and position back. It scores generated images
-against their prompts (notebooks 02-11 and ``python -m sdkit.evaluation``).
+against their prompts (notebooks 02-12 and ``python -m sdkit.evaluation``).
 
 A function here whose docstring names no notebook serves the other sdkit modules only;
 no notebook calls it directly.
@@ -70,7 +70,7 @@ MAX_DATASET = 200_000  # pictures per call: 200,000 x 12 KiB = 2.3 GiB of uint8
 class Obj:
     """One shape in a scene: its colour, shape and position words.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
 
     colour: str
@@ -114,7 +114,7 @@ def parse_caption(caption: str) -> tuple[Obj, ...]:
     ``parse_caption("a red circle on the left")`` -> ``(Obj('red', 'circle', 'left'),)``.
     Raises ValueError naming the caption when it is not of the grammar.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     if not isinstance(caption, str):
         checks.fail("caption", caption, "expected a str")
@@ -188,7 +188,7 @@ def _shape_mask(shape: str, cx: float, cy: float, h: float) -> np.ndarray:
 def world_words() -> list[str]:
     """The words of the training captions: the toy tokenizer makes each a single token.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     words = set()
     for cap in all_captions():
@@ -200,7 +200,7 @@ def heldout_captions() -> set[str]:
     """Two-shape captions kept out of training (every ``HOLDOUT_EVERY``-th), to test
     composition on prompts the model never saw.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     pairs = [c for c in all_captions() if " and " in c]
     return set(pairs[::HOLDOUT_EVERY])
@@ -210,7 +210,7 @@ def eval_prompts(n: int, seed: int = 1234) -> list[str]:
     """``n`` evaluation prompts: half one-shape, half two-shape; half of the two-shape ones
     are captions never shown in training. Sampled with a fixed seed.
 
-    Introduced in notebooks/03_text_and_cross_attention.ipynb.
+    Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
     n = checks.check_int("n", n, 2, 10_000)
     rng = np.random.default_rng(checks.check_seed(seed))
@@ -230,7 +230,7 @@ def eval_prompts(n: int, seed: int = 1234) -> list[str]:
 def render(objects, seed: int) -> Example:
     """Draw a scene of these objects; ``seed`` fixes the background, jitter and sizes.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     objects = tuple(objects)
     for o in objects:
@@ -290,7 +290,7 @@ def make_example(seed: int, colours=TRAIN_COLOURS, shapes=TRAIN_SHAPES,
 def make_dataset(n: int, seed: int = 0, **kwargs):
     """``n`` examples from consecutive seeds: images (n, 64, 64, 3) uint8 and captions.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     n = checks.check_int("n", n, 1, MAX_DATASET)
     examples = [make_example(seed + i, **kwargs) for i in range(n)]
@@ -332,7 +332,7 @@ def find_blobs(image, min_area: int = 20) -> list[Blob]:
     triangle ~0.5) and from its solidity (a star is far from convex); position is the
     nearest anchor to the blob's bounding-box centre, in a 64-pixel frame.
 
-    Introduced in notebooks/08_inpainting_and_outpainting.ipynb.
+    Introduced in notebooks/09_inpainting_and_outpainting.ipynb.
     """
     arr = _to_uint8_rgb(image).astype(np.int32)
     h, w, _ = arr.shape
@@ -398,7 +398,7 @@ def score_image(image, caption_or_objects) -> list[ObjectScore]:
     ``colour_shape`` right when one of them has its shape, and ``all_attributes`` right
     when one of them has its shape and position.
 
-    Introduced in notebooks/04_vae_latents.ipynb.
+    Introduced in notebooks/05_vae_latents.ipynb.
     """
     objects = (parse_caption(caption_or_objects) if isinstance(caption_or_objects, str)
                else tuple(caption_or_objects))
@@ -426,7 +426,7 @@ def hits(images, captions, criterion: str = "all_attributes") -> list[bool]:
     ``"colour_shape"`` (right colour and shape anywhere) or ``"all_attributes"`` (also at the
     right position). ``captions``: one caption for all images, or one per image.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     images = checks.check_list("images", images)
     criterion = checks.check_choice("criterion", criterion, ("colour_shape", "all_attributes"))
@@ -440,7 +440,7 @@ def score_images(images, captions) -> dict:
     right colour and shape, and the share of one- and of two-shape prompts with every
     attribute right (NaN where there is no such prompt).
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     images = checks.check_list("images", images)
     captions = checks.check_per_seed("captions", captions, len(images))

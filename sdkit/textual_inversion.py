@@ -73,7 +73,7 @@ class _Frozen:
 
 
 def train_textual_inversion(pipe, latents, captions, token: str = "<star>",
-                            init_word: str = "triangle", steps: int = 300, lr: float = 1e-2,
+                            init_word: str = "triangle", steps: int = 100, lr: float = 1e-2,
                             batch_size: int = 8, seed: int = 0) -> finetune.FineTuneResult:
     """Textual inversion: learn the embedding of a new word ``token`` from pictures
     (``latents`` from ``finetune.encode_images``, ``captions`` that use ``token``).
@@ -90,7 +90,7 @@ def train_textual_inversion(pipe, latents, captions, token: str = "<star>",
     was. Returns a ``FineTuneResult`` whose ``extra`` holds ``tokenizer``, ``text_encoder``,
     ``token`` and ``token_id``.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     torch.manual_seed(checks.check_seed(seed))
     init_id = _check_token(pipe.tokenizer, token, init_word)
@@ -130,7 +130,7 @@ def save_embedding(result: finetune.FineTuneResult, path) -> Path:
     """Save a learned word as safetensors in diffusers' format ``{token: vector (d,)}``;
     ``pipe.load_textual_inversion(path)`` of stock diffusers reads it back.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     finetune._check_result(result, "textual inversion")
     row = result.extra["text_encoder"].get_input_embeddings().weight[result.extra["token_id"]]
@@ -145,7 +145,7 @@ def load_embedding(pipe, path):
     encoder's width) before anything changes, and only copies change: ``pipe``'s tokenizer
     and embedding table are left exactly as they were, whatever happens.
 
-    Introduced in notebooks/09_fine_tuning.ipynb.
+    Introduced in notebooks/10_fine_tuning.ipynb.
     """
     state, _ = finetune._read(path, "a learned word written by save_embedding")
     if len(state) != 1:

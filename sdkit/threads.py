@@ -24,7 +24,7 @@ each figure is good to about 20%):
 
 - toy pipeline, 12 images of 10 steps: torch's default (2 threads) alone 1.3-1.6 s, two at
   once 5.8-7.6 s each (4-5x); the kit's 1 thread alone 1.7 s, two at once 1.6-1.9 s each.
-- notebook 05 run whole (``jupyter nbconvert --execute``): 2 threads alone 21-25 s, two at
+- notebook 06 run whole (``jupyter nbconvert --execute``): 2 threads alone 21-25 s, two at
   once 116-133 s each (5-6x); 1 thread alone 19-27 s, two at once 20-24 s each (at most 1.06x).
 - OpenMP's passive wait policy (``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep at
   once instead of spinning) with 2 threads: two at once 2.2-2.6 s each, no better than one

@@ -1,4 +1,4 @@
-"""The recipe that trains the kit's own small Stable Diffusion from scratch (notebook 11).
+"""The recipe that trains the kit's own small Stable Diffusion from scratch (notebook 12).
 
     python -m sdkit.training train             # ~1 hour on 2 CPU cores, resumable: data/toy-sd
     python -m sdkit.training finetune-decoder  # the last stage alone, on a saved model (3 min)
@@ -6,7 +6,7 @@
 The stock classes of a real SD, only smaller (``CLIPTokenizer`` with vocab.json and merges.txt
 written here for the shapes world's words, ``CLIPTextModel``, ``AutoencoderKL``, a
 ``UNet2DConditionModel``), saved as a folder stock diffusers loads without sdkit. Unlike SD 1.5
-(notebook 11 shows why): a zero-terminal-SNR schedule with v-prediction, and a text encoder
+(notebook 12 shows why): a zero-terminal-SNR schedule with v-prediction, and a text encoder
 trained with the UNet (no pretrained CLIP exists for the shapes world). The exam of the model
 is ``sdkit.evaluation``. Left out: safety checker, LAION-scale data, mixed precision, multi-GPU.
 """
@@ -68,7 +68,7 @@ def write_tokenizer(folder) -> CLIPTokenizer:
     """Write a real CLIP tokenizer (vocab.json, merges.txt) whose vocabulary is CLIP's 512
     byte symbols plus one merge chain per word of the shapes world; returns it loaded.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     folder = checks.check_folder("folder", folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def write_tokenizer(folder) -> CLIPTokenizer:
 def make_vae() -> AutoencoderKL:
     """The autoencoder, untrained: 64x64x3 pictures <-> 4x16x16 latents (factor 4).
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
@@ -108,7 +108,7 @@ def make_vae() -> AutoencoderKL:
 def make_text_encoder(tokenizer) -> CLIPTextModel:
     """The text encoder, untrained: a 3-layer ``CLIPTextModel`` of width 128 for ``tokenizer``.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     if not all(hasattr(tokenizer, a) for a in ("bos_token_id", "eos_token_id", "__len__")):
         checks.fail("tokenizer", type(tokenizer).__name__, "expected a CLIPTokenizer")
@@ -123,7 +123,7 @@ def make_text_encoder(tokenizer) -> CLIPTextModel:
 def make_unet(block_out_channels=(32, 64, 128)) -> UNet2DConditionModel:
     """The UNet: one level per channel count (16x16, 8x8, 4x4), cross-attention at each.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     channels = checks.check_list("block_out_channels", block_out_channels)
     if len(channels) > 4 or not all(isinstance(c, int) and 16 <= c <= 1024 and c % 16 == 0
@@ -145,7 +145,7 @@ def make_scheduler() -> DDPMScheduler:
     """The training schedule, built from scratch: SD's scaled_linear betas rescaled to zero
     terminal SNR, v-prediction (``pipeline.training_scheduler`` reads it back from a pipeline).
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     return DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -159,7 +159,7 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Stable
     """Assemble the stock StableDiffusionPipeline from the parts (no safety checker); the
     sampler defaults to the kit's DPM-Solver++ on ``make_scheduler()``.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     return StableDiffusionPipeline(
         vae, text_encoder, tokenizer, unet, scheduler or dpm_solver(make_scheduler().config),
@@ -207,7 +207,7 @@ def training_data(n: int, seed: int = 0):
     """``n`` training examples (uint8 (n, 64, 64, 3), captions) from seeds ``seed...``,
     skipping the held-out captions (``shapes.heldout_captions``).
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     n, seed = checks.check_int("n", n, 1, shapes.MAX_DATASET), checks.check_seed(seed)
     device.check_memory("n", n, 2 * n * 3 * shapes.SIZE**2, f"{n:,} pictures (uint8)", "cpu")
@@ -222,7 +222,7 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """Scaled latents (posterior means x ``vae.config.scaling_factor``) of many pictures,
     ``batch`` at a time: (N, 4, 16, 16). A batch must fit in memory (the error says so).
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     batch = checks.check_int("batch", batch, 1, 4096)
     need = 16 * batch * max(vae.config.block_out_channels) * math.prod(np.shape(images)[1:3])
@@ -234,7 +234,7 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
 def tokenize(tokenizer, captions) -> torch.Tensor:
     """Token ids (N, 20) of captions, padded to the toy's ``MAX_LENGTH``.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     captions = checks.check_list("captions", captions)
     return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH,
@@ -245,7 +245,7 @@ def heldout_psnr(vae, n: int = 256) -> float:
     """Reconstruction PSNR (dB) on ``n`` held-out pictures of the training world (the model
     card's figure): encode to the posterior means, decode, compare.
 
-    Introduced in notebooks/11_training_from_scratch.ipynb.
+    Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     n = checks.check_int("n", n, 1, 4096)
     device.check_memory("n", n, 32 * n * max(vae.config.block_out_channels) * shapes.SIZE**2,
@@ -300,7 +300,7 @@ def _train_vae(workdir: Path, images: np.ndarray, steps: int, batch: int = 32, c
 def _train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: float = 3e-4,
                    seed: int = 0, log=print):
     """Fine-tune the VAE *decoder* on every picture the world can draw, purple and stars too
-    (as SD's VAE saw more than any prompt asks for, so notebook 09 can teach the UNet a new
+    (as SD's VAE saw more than any prompt asks for, so notebook 10 can teach the UNet a new
     colour). The encoder stays frozen, so the latents the UNet learnt from keep their meaning."""
     torch.manual_seed(seed)
     images, _ = shapes.make_dataset(n_images, seed=20_000_000 + seed * n_images,

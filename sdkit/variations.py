@@ -18,9 +18,11 @@ that train in seconds on a CPU:
    pipeline with ``prompt_embeds`` and several seeds (``shapes.hits`` then says which
    variations kept the picture's objects).
 
-Training is deterministic by seed and cached in memory (``fit``). Left out: unCLIP's
-prior (text -> image embedding), mixing text and image conditioning in one prompt, and
-fine-tuning the UNet itself to read the embedding through its class-embedding input.
+Training is deterministic by seed and cached in memory (``fit``). Notebook 11 writes one
+InfoNCE step in a cell (asserted equal to ``info_nce``) before ``fit`` runs the loop; its
+real-weights path (diffusers' ``StableUnCLIPImg2ImgPipeline``) is ``sdkit.unclip``. Left out:
+unCLIP's prior (text -> image embedding), mixing text and image conditioning in one prompt,
+and fine-tuning the toy UNet itself to read the embedding through its class-embedding input.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class ImageEncoder(nn.Module):
     A 2x average pool, three stride-2 convolutions and a linear layer on the flattened
     4x4 grid (flattening keeps *where* things are, which a global pool would lose).
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
 
     def __init__(self, width: int = 16, embed_dim: int = EMBED_DIM):
@@ -71,7 +73,7 @@ class ImageEncoder(nn.Module):
 class Projector(nn.Module):
     """(noised image embedding (B, 128), noise level (B,)) -> text hidden states (B, 20, 128).
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
 
     def __init__(self, seq_len: int, hidden: int, embed_dim: int = EMBED_DIM, width: int = 512):
@@ -94,7 +96,7 @@ class ToyUnCLIP(nn.Module):
     """The trained parts: encoder, text projection, projector and the embedding statistics
     (what ``fit`` returns).
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
 
     def __init__(self, seq_len: int, hidden: int, text_dim: int):
@@ -118,7 +120,7 @@ def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
     Both embeddings (B, D) are L2-normalised here; logits = scale * cos similarity
     (B, B); the right partner of row i is column i, in both directions.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     for name, e in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
         if not torch.is_tensor(e) or e.ndim != 2:
@@ -146,7 +148,7 @@ def noise_augment(model: ToyUnCLIP, image_embeds: torch.Tensor, noise_level,
     ``noise_level``: an int in [0, 999] or a (B,) int tensor. Level 0 keeps the embedding
     (almost) as it is; level 999 replaces it by noise.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     b = image_embeds.shape[0]
     if torch.is_tensor(noise_level):
@@ -168,7 +170,7 @@ def canonical_caption(objects) -> str:
     A two-shape picture has two correct captions; the projector learns one of them so that
     its MSE target is a single point, not the average of two word orders.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     return shapes.caption_of(sorted(objects, key=lambda o: _ORDER[o.position]))
 
@@ -179,7 +181,7 @@ def text_features(pipe, captions) -> tuple[torch.Tensor, torch.Tensor]:
 
     Pooled = CLIP's pooler output (the final-layer state at the end token).
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     captions = list(captions)
     tok = pipe.tokenizer
@@ -227,7 +229,7 @@ def fit(pipe, seed: int = 0, n_images: int = 3000, encoder_steps: int = 300,
     button (KeyboardInterrupt) stops it with nothing cached, and a non-finite loss stops it
     with an error.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     seed = checks.check_seed(seed)
     n_images = checks.check_int("n_images", n_images, 16, 1_000_000)
@@ -313,7 +315,7 @@ def _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress):
 def embed_images(model: ToyUnCLIP, images) -> torch.Tensor:
     """Image embeddings (B, 128) of a list of 64x64 pictures.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     return model.encoder(_pictures(images, "images"))
 
@@ -324,7 +326,7 @@ def retrieve(model: ToyUnCLIP, pipe, images, captions=None) -> list[str]:
 
     ``captions`` defaults to every caption of the shapes grammar (in reading order).
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     if captions is None:
         captions = sorted({canonical_caption(shapes.parse_caption(c))
@@ -345,7 +347,7 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
     pipeline as ``prompt_embeds`` (the empty prompt is the unconditional side). ``model``
     must be ``fit`` on this pipe; four seeds or more show a progress bar.
 
-    Introduced in notebooks/10_image_variations.ipynb.
+    Introduced in notebooks/11_image_variations.ipynb.
     """
     steps, scale = pipeline.resolve_settings(pipe, num_inference_steps, guidance_scale)
     level = checks.check_int("noise_level", noise_level, 0, MAX_NOISE_LEVEL)
@@ -366,74 +368,3 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
         out.append(pipe(prompt_embeds=hidden, num_inference_steps=steps, guidance_scale=scale,
                         generator=g).images[0])
     return out
-
-
-def _info_nce_mistakes(img, txt, s) -> list[tuple[torch.Tensor, str]]:
-    """The losses of the typical wrong versions of InfoNCE, each with what went wrong."""
-    labels = torch.arange(len(img))
-    u, v = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    logits = s.exp() * u @ v.T
-    raw = s.exp() * img @ txt.T  # not normalised: dot products, not cosines
-    return [
-        (F.cross_entropy(logits, labels), "only the rows (image -> text); CLIP averages that "
-                                          "with the columns (text -> image)"),
-        (F.cross_entropy(logits.T, labels), "only the columns (text -> image); CLIP averages "
-                                            "that with the rows (image -> text)"),
-        (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels),
-         "the sum of the two cross-entropies; CLIP takes their mean"),
-        ((F.cross_entropy(raw, labels) + F.cross_entropy(raw.T, labels)) / 2,
-         "the embeddings are not normalised: the logits must be cosines (unit vectors) "
-         "times the scale"),
-        ((F.cross_entropy(s * u @ v.T, labels) + F.cross_entropy(s * v @ u.T, labels)) / 2,
-         "logit_scale is a log-temperature: multiply by exp(logit_scale), not logit_scale"),
-        ((F.cross_entropy(u @ v.T, labels) + F.cross_entropy(v @ u.T, labels)) / 2,
-         "the scale is missing: multiply the cosines by exp(logit_scale)"),
-    ]
-
-
-def check_info_nce_answer(fn) -> bool:
-    """Exercise checker: ``fn(image_embeds, text_embeds, logit_scale)`` must compute CLIP's
-    symmetric InfoNCE loss as ``info_nce`` does, on random batches. Prints what is right or
-    wrong, with a hint naming the typical mistake it recognises (one direction only, no
-    normalisation, the scale without exp, ...); returns a bool. A learner's exception is a
-    wrong answer (reported, not raised); a function returning None is not solved yet.
-
-    Introduced in notebooks/10_image_variations.ipynb.
-    """
-    if not callable(fn):
-        print(f"Not solved yet: expected a function my_info_nce(image_embeds, text_embeds, "
-              f"logit_scale), got {type(fn).__name__}.")
-        return False
-    hint = ("Hint: unit vectors, logits = exp(logit_scale) x cosines (B, B), the right partner "
-            "on the diagonal, in both directions.")
-    g = torch.Generator().manual_seed(0)
-    for b, d, s in ((4, 8, 0.5), (16, 128, float(np.log(1 / 0.07))), (7, 3, 2.0)):
-        img, txt = 3 * torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
-        s = torch.tensor(s)
-        want = info_nce(img, txt, s)
-        try:
-            got = fn(img.clone(), txt.clone(), s.clone())
-        except Exception as e:  # a learner's bug is a wrong answer, not a crash of the checker
-            print(f"Your function raised {type(e).__name__}: {e}. {hint}")
-            return False
-        if got is None:
-            print("Not solved yet: my_info_nce returns None. Write the loss of the formula "
-                  "above and run this cell again.")
-            return False
-        try:
-            got = torch.as_tensor(got, dtype=torch.float32).detach()
-        except Exception:
-            print(f"Expected one number (a 0-d tensor), got {type(got).__name__}. {hint}")
-            return False
-        if got.numel() != 1:
-            print(f"Expected the loss, one number; yours has shape {tuple(got.shape)} "
-                  f"(the logits?). {hint}")
-            return False
-        if not torch.allclose(got.reshape(()), want, atol=1e-5):
-            why = next((w for v, w in _info_nce_mistakes(img, txt, s)
-                        if torch.allclose(got.reshape(()), v, atol=1e-5)), None)
-            print(f"Not yet: for B={b}, D={d} the loss is {want.item():.5f}, yours "
-                  f"{got.item():.5f}. " + (f"Hint: {why}." if why else hint))
-            return False
-    print("Right: that is CLIP's symmetric InfoNCE loss.")
-    return True

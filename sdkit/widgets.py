@@ -39,8 +39,8 @@ Stable CSS class names, for browser tests (e.g. Playwright in JupyterLab) and st
 ``sdkit-error``        the last error message, empty when all is well
 =====================  =============================================================
 
-Also here: ``replay``, ``guidance_sweep`` and ``plot_sweep``, and ``check_rescale``, the
-checker of notebook 05's exercise (guidance rescale, Lin et al., 2024).
+Also here: ``replay``, the preview. The guidance measurements of notebook 06 (the sweep over
+scales and guidance rescale, its plots, the exercise's checker) are ``sdkit.guidance``.
 
 Left out: threads (the exact image is computed right after the preview in the same
 callback, so nbval and scripts see deterministic results), image-to-image and
@@ -55,13 +55,10 @@ import time
 from collections import OrderedDict
 
 import ipywidgets as W
-import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
-from tqdm.auto import tqdm
 from traitlets import validate
 
-from . import checks, device, figures, images, sampling
+from . import checks, device, images, sampling
 from .pipeline import default_settings, encode_prompt, is_toy
 
 CSS = {
@@ -102,7 +99,7 @@ def replay(traj: sampling.Trajectory, guidance_scale: float) -> sampling.Traject
     (``cached_outputs``). Exact at step 0 only: later steps' x_t differ from the ones the
     outputs were computed at. Its ``scheduler`` field says "... (replayed)".
 
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    Introduced in notebooks/06_guidance_and_widgets.ipynb.
     """
     if sampling.Trajectory.checked(traj).pipe is None:
         checks.fail("traj.pipe", None, "expected a Trajectory with its pipe attached")
@@ -157,7 +154,7 @@ class GuidancePanel:
     error line as plain text ("" when all is well); ``panel.timings`` holds the seconds the
     last update took.
 
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
+    Introduced in notebooks/06_guidance_and_widgets.ipynb.
     """
 
     def __init__(self, pipe, prompt: str | None = None, seed: int = 0,
@@ -358,113 +355,3 @@ class GuidancePanel:
     def image_bytes(self) -> bytes:
         """The PNG bytes currently shown in the image widget."""
         return bytes(self.image.value)
-
-
-def guidance_sweep(pipe, prompts: list[str], seeds: list[int], scales=(1, 2, 4, 7.5, 10, 15),
-                   num_inference_steps: int | None = None, negative_prompt=None) -> dict:
-    """Final images for each guidance scale: {s: [PIL, ...]} (one per prompt and seed).
-
-    One batched ``sampling.sample`` call per scale, all prompts at once, with a tqdm bar.
-
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
-    """
-    prompts, seeds = checks.check_list("prompts", prompts), checks.check_list("seeds", seeds)
-    return {s: sampling.sample(pipe, prompts, seeds, num_inference_steps, s,
-                               negative_prompt=negative_prompt).images()
-            for s in tqdm(checks.check_list("scales", scales), desc="guidance scales")}
-
-
-def plot_sweep(results: dict, row_labels=None, scale: float = 1.6):
-    """A figure of ``guidance_sweep`` results: one column per guidance scale, one row per
-    prompt/seed (labelled with ``row_labels``).
-
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
-    """
-    if not isinstance(results, dict) or not results:
-        checks.fail("results", results, "expected guidance_sweep's dict {scale: [images]}")
-    scale = checks.check_float("scale", scale, 0.5, 10.0)
-    cols = list(results)
-    n = len(results[cols[0]])
-    if row_labels is not None and len(row_labels) != n:
-        checks.fail("row_labels", row_labels, f"expected {n} labels, one per row")
-    return figures.image_grid([[results[s][r] for s in cols] for r in range(n)],
-                              row_titles=None if row_labels is None else list(row_labels),
-                              col_titles=[f"s = {s:g}" for s in cols], size=scale,
-                              title="the same seeds, by guidance scale s")
-
-
-def _rescale_variants(cfg, text, phi) -> dict:
-    """The typical mistakes of notebook 05's exercise, each computed, with its hint."""
-    def per(x, dims):
-        return x.std(dim=dims, keepdim=True)
-
-    def blend(r, c=cfg):
-        return phi * r + (1 - phi) * c
-
-    every = list(range(1, cfg.ndim))
-    return {
-        "one std over the whole batch: take it per image, over every dim but the batch "
-        "(dim=list(range(1, x.ndim)), keepdim=True)": blend(cfg * text.std() / cfg.std()),
-        "one std per channel: take it over every dim but the batch, channels included":
-            blend(cfg * per(text, every[1:]) / per(cfg, every[1:])),
-        "the std over the channels only: take it over every dim but the batch":
-            blend(cfg * per(text, [1]) / per(cfg, [1])),
-        "guidance_rescale applied the wrong way round: 1 keeps only the rescaled prediction, "
-        "0 is plain CFG": (1 - phi) * cfg * per(text, every) / per(cfg, every) + phi * cfg,
-        "the ratio upside down: scale the guided prediction by std(text) / std(cfg)":
-            blend(cfg * per(cfg, every) / per(text, every)),
-        "the rescaled prediction was not blended with noise_cfg by guidance_rescale":
-            cfg * per(text, every) / per(cfg, every),
-    }
-
-
-def check_rescale(fn, seed: int = 0) -> bool:
-    """Checker for notebook 05's exercise: ``fn(noise_cfg, noise_pred_text, guidance_rescale)``
-    must return guidance rescale (Lin et al., 2024, section 3.4) as diffusers'
-    ``rescale_noise_cfg`` computes it, on random batches whose images and channels have
-    different spreads, for guidance_rescale 0, 1, 0.7 and 0.3. Prints what is right or wrong,
-    naming the typical mistake it sees (std over the wrong dims, the blend the wrong way
-    round, the ratio upside down), and returns True or False; a wrong answer never raises.
-    None, or a function that returns None: not solved yet.
-
-    Introduced in notebooks/05_guidance_and_widgets.ipynb.
-    """
-    g = torch.Generator("cpu").manual_seed(checks.check_seed(seed))
-    if fn is None or not callable(fn):
-        print("Exercise not solved yet: define my_rescale(noise_cfg, noise_pred_text, "
-              "guidance_rescale)." if fn is None else
-              f"Not yet: expected a function, got {type(fn).__name__}.")
-        return False
-    for phi in (0.7, 0.0, 1.0, 0.3):
-        spread = torch.tensor([0.5, 1.0, 3.0]).view(3, 1, 1, 1) * torch.tensor(
-            [1.0, 2.0, 0.5, 4.0]).view(1, 4, 1, 1)  # images and channels of different spread
-        text = torch.randn(3, 4, 8, 8, generator=g) * spread
-        cfg = 3 * text - 2 * torch.randn(3, 4, 8, 8, generator=g) * spread.flip(0)
-        want = rescale_noise_cfg(cfg, text, phi)
-        try:
-            got = fn(cfg.clone(), text.clone(), phi)
-        except Exception as e:  # the learner's code: report, don't crash the notebook
-            print(f"Not yet: your function raised {type(e).__name__}: {e}"
-                  + (" (does the std keep its dims, keepdim=True, so that it broadcasts "
-                     "against noise_cfg?)" if isinstance(e, RuntimeError) else ""))
-            return False
-        if got is None:
-            print("Exercise not solved yet: my_rescale returned None (return the tensor).")
-            return False
-        if not torch.is_tensor(got) or got.shape != want.shape:
-            print(f"Not yet: expected a tensor of shape {tuple(want.shape)} (noise_cfg's), got "
-                  f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}. Did "
-                  "the std keep its dims (keepdim=True)?")
-            return False
-        if not torch.allclose(got.to(want.dtype), want, atol=1e-5, rtol=1e-4):
-            close = [h for h, v in _rescale_variants(cfg, text, phi).items()
-                     if got.shape == v.shape and torch.allclose(got.to(v.dtype), v, atol=1e-5)]
-            print(f"Not yet at guidance_rescale = {phi:g} (max |difference| "
-                  f"{(got - want).abs().max().item():.3g}). "
-                  + (f"It looks like {close[0]}." if close else
-                     "Hint: match the spread of the conditional (text) prediction, not of the "
-                     "guided or the unconditional one; one std per image; then blend."))
-            return False
-    print("Correct: your rescale matches diffusers' rescale_noise_cfg at guidance_rescale 0, "
-          "0.3, 0.7 and 1 (std's Bessel correction cancels in the ratio, so either is fine).")
-    return True

@@ -52,7 +52,7 @@ ALLOWED: tuple[Allowed, ...] = (
     # Empty on purpose. Surveyed 2026-12-02 (every notebook under nbval and in the browser):
     # each stderr line had a cause to fix instead (transformers' torchvision notice: dropped in
     # sdkit/__init__.py; diffusers' safety-checker licence notice for the toy model, which has
-    # no safety checker; the tokenizer's "indexing errors" notice in 03: fixed in sdkit).
+    # no safety checker; the tokenizer's "indexing errors" notice in 04: fixed in sdkit).
     # An entry looks like:
     # Allowed("09_*", r"some line the lesson explains", "why a learner should see it"),
 )

@@ -24,10 +24,16 @@ from sdkit import (
     attention,
     evaluation,
     finetune,
+    guidance,
     hypernetwork,
     lora,
+    samplers,
+    sampling,
     textual_inversion,
     training,
+    unclip,
+    unet,
+    unet_views,
     variations,
     widgets,
 )
@@ -356,6 +362,23 @@ def _check_fit_interrupted(rng, c):
     assert not any(k[1] == 123 for k in variations._CACHE)  # nothing half-trained was cached
 
 
+def _unclip_folder(c, parts: dict, missing: tuple = ()) -> str:
+    """A folder whose model_index.json names a Stable unCLIP pipeline with ``parts``
+    ({component: {file name: bytes}}) and also lists the ``missing`` components."""
+    import json
+
+    classes = {"image_encoder": "CLIPVisionModelWithProjection", "unet": "UNet2DConditionModel"}
+    index = {"_class_name": "StableUnCLIPImg2ImgPipeline"} | {
+        part: ["diffusers", classes[part]] for part in [*parts, *missing]}
+    (c.tmp / "unclip").mkdir()
+    (c.tmp / "unclip" / "model_index.json").write_text(json.dumps(index))
+    for part, files in parts.items():
+        (c.tmp / "unclip" / part).mkdir()
+        for name, data in files.items():
+            (c.tmp / "unclip" / part / name).write_bytes(data)
+    return str(c.tmp / "unclip")
+
+
 # ------------------------------------------------------------------------------ widgets
 
 
@@ -408,6 +431,53 @@ def _empty_model_folder(c):
     return c.tmp / "model"
 
 
+# ------------------------------------------------------------------------------ the UNet (03)
+
+
+def _entered(cm):
+    """Enter and leave a context manager: its checks run on entering."""
+    with cm:
+        pass
+
+
+def _generated_inside(c, cm):
+    """One good call of the tiny pipe inside the context manager ``cm``."""
+    with cm:
+        good_call(c.pipe)
+
+
+def _hooks(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def _ablations_stopped(c):
+    """The stop button during a generation under three of notebook 03's ablations at once."""
+    u, before = c.pipe.unet, _hooks(c.pipe.unet)
+
+    def stopped():
+        with unet.zero_time_embedding(u), unet.drop_skip(u, 1), unet.zero_cross_attention(u, 8):
+            good_call(c.pipe)
+            raise KeyboardInterrupt
+    return _raises(KeyboardInterrupt, stopped), before
+
+
+def _record_calls_failed(c):
+    """A cell that fails inside ``record_calls``."""
+    u, before = c.pipe.unet, _hooks(c.pipe.unet)
+
+    def failed():
+        with unet.record_calls(u.down_blocks[0].resnets[0]):
+            good_call(c.pipe)
+            raise RuntimeError("a failed cell")
+    return _raises(RuntimeError, failed), before
+
+
+def _check_unhooked(result, c):
+    error, before = result
+    assert isinstance(error, (KeyboardInterrupt, RuntimeError))
+    assert _hooks(c.pipe.unet) == before, "a hook was left on the UNet"
+
+
 def _refused(param, value, allowed, exc=ValueError):
     return Refused(param, value, allowed, exc)
 
@@ -448,6 +518,12 @@ MISTAKES = [
     M("memory", "panel-cache-10000-runs", lambda c: widgets.GuidancePanel(
         c.pipe, cache_size=10_000), _memory("cache_size", "10000"), needs_pipe=True,
       env={LIMIT: "1GiB"}),
+    M("memory", "guided-run-64-seeds", lambda c: guidance.sample_rescaled(
+        c.pipe, PROMPT, list(range(64)), 7.5, 0.7, 2), _memory("seeds", "64 seeds"),
+      needs_pipe=True, env={LIMIT: "16MiB"}),
+    M("memory", "trace-shapes-latent-1024", lambda c: unet.trace_shapes(
+        c.pipe.unet, sample_size=1024), _memory("sample_size", "1024"), needs_pipe=True,
+      env={LIMIT: "256MiB"}),
     M("memory", "evaluate-10000-prompts", lambda c: evaluation.evaluate(
         _model_folder(c), n_prompts=10_000, write_card=False), _memory("n_prompts", "10000"),
       needs_pipe=True, env={LIMIT: "64MiB"}),
@@ -473,6 +549,11 @@ MISTAKES = [
       _refused("target_modules", "to_qq", "no layer matches ['to_qq']"), needs_pipe=True),
     M("silent", "train-lora-target-one-string", lambda c: _lora(c, target_modules="to_q"),
       _refused("target_modules", "'to_q'", "expected a list of layer names"), needs_pipe=True),
+    M("silent", "diffusion-loss-reduction-sum", lambda c: finetune.diffusion_loss(
+        None, None, None, None, None, None, reduction="sum"),
+      _refused("reduction", "'sum'", "expected one of ['mean', 'none']")),
+    M("silent", "plot-file-sizes-in-megabytes", lambda c: finetune.plot_file_sizes(
+        {"LoRA": 11.0}), _refused("sizes", "11.0", "a non-empty dict {label: bytes}")),
     M("silent", "variations-fit-nan-text-encoder", lambda c: _fit_tiny(_nan_text_pipe(c)),
       _refused("pipe", "text features", "expected finite text features"), needs_pipe=True),
     M("silent", "variations-fit-progress-yes", lambda c: _fit_tiny(c.pipe, progress="yes"),
@@ -480,12 +561,32 @@ MISTAKES = [
     M("silent", "variations-model-of-another-pipe", lambda c: variations.variations(
         c.pipe, variations.ToyUnCLIP(7, 9, 32), np.zeros((64, 64, 3), np.uint8), [0]),
       _refused("model", "(7, 9)", "expected one fit on this pipe"), needs_pipe=True),
+    M("silent", "unclip-load-safety-checker-yes", lambda c: unclip.load_pipeline(
+        "toy", safety_checker="yes"), _refused("safety_checker", "'yes'",
+                                               "expected True or False")),
+    M("silent", "unclip-load-model-a-number", lambda c: unclip.load_pipeline(42),
+      _refused("model", "42", "expected 'toy', a hub id, a folder")),
     M("silent", "evaluate-attention-prompts-0", lambda c: evaluation.evaluate(
         _empty_model_folder(c), attention_prompts=0), _refused("attention_prompts", "0",
                                                                "expected an int in [1, 10000]")),
     M("silent", "evaluate-sweep-prompts-0", lambda c: evaluation.evaluate(
         _empty_model_folder(c), sweep_prompts=0), _refused("sweep_prompts", "0",
                                                            "expected an int in [1, 10000]")),
+    M("silent", "run-samplers-heun-left-out", lambda c: samplers.run_samplers(
+        c.pipe, [PROMPT], [0], (2,), ("DDIM", "Heun")),
+      _refused("names", "'Heun'", "one of ['DDPM', 'DDIM', 'Euler', 'DPM-Solver++']"),
+      needs_pipe=True),
+    M("silent", "run-samplers-steps-0", lambda c: samplers.run_samplers(
+        c.pipe, [PROMPT], [0], (0, 2)), _refused("steps_list", "0", "[1, 1000]"),
+      needs_pipe=True),
+    M("silent", "plot-sigmas-no-final-sigma", lambda c: samplers.plot_sigmas(
+        torch.ones(10), torch.tensor([9.0, 5.0]), torch.tensor([3.0, 1.0])),
+      _refused("sampler_sigmas", "(2,)", "1-d tensor of 3 values")),
+    M("silent", "plot-errors-empty", lambda c: samplers.plot_errors({}),
+      _refused("errors", "'dict'", "at least one of each")),
+    M("silent", "plot-x0-paths-item-out-of-batch", lambda c: samplers.plot_x0_paths(
+        sampling.sample(c.pipe, PROMPT, 0, 2, 3.0), item=1),
+      _refused("item", "1", "[0, 0]"), needs_pipe=True),
     M("silent", "panel-steps-1000-over-the-slider", _panel_set("steps_slider", 1000),
       Behaves(_check_refused_in_panel("num_inference_steps", "1000")), needs_pipe=True),
     M("silent", "panel-guidance-100-over-the-slider", _panel_set("guidance_slider", 100.0),
@@ -497,7 +598,47 @@ MISTAKES = [
     M("silent", "panel-steps-over-max-at-construction", lambda c: widgets.GuidancePanel(
         c.pipe, num_inference_steps=80), _refused("num_inference_steps", "80",
                                                   "expected an int in [1, 50]"), needs_pipe=True),
+    M("silent", "guided-run-rescale-above-1", lambda c: guidance.sample_rescaled(
+        c.pipe, PROMPT, [0], 7.5, 1.5, 2), _refused("guidance_rescale", "1.5",
+                                                   "expected a finite number in [0.0, 1.0]"),
+      needs_pipe=True),
+    M("silent", "guided-run-more-prompts-than-seeds", lambda c: guidance.sample_rescaled(
+        c.pipe, [PROMPT] * 3, [0, 1], 7.5), _refused("prompts", PROMPT,
+                                                     "expected one str or a list of 2 str"),
+      needs_pipe=True),
+    M("silent", "sweep-one-setting-twice", lambda c: guidance.sweep(
+        c.pipe, PROMPT, [0], [7.5, (7.5, 0)], 2), _refused("settings", "[7.5, (7.5, 0)]",
+                                                         "expected each (s, phi) once"),
+      needs_pipe=True),
+    M("silent", "sweep-setting-of-three-numbers", lambda c: guidance.sweep(
+        c.pipe, PROMPT, [0], [(7.5, 0.7, 1)], 2), _refused(
+        "settings", "(7.5, 0.7, 1)", "expected (guidance_scale, guidance_rescale) pairs"),
+      needs_pipe=True),
+    M("silent", "diversity-no-prompt-with-two-pictures", lambda c: guidance.diversity(
+        [np.zeros((8, 8, 3), np.uint8)] * 2, ["a", "b"]), _refused(
+        "prompts", "['a', 'b']", "expected at least one prompt with two pictures")),
+    M("silent", "trace-shapes-of-the-pipeline", lambda c: unet.trace_shapes(c.pipe),
+      _refused("unet", "StableDiffusionPipeline", "expected a diffusers UNet2DConditionModel"),
+      needs_pipe=True),
+    M("silent", "drop-skip-past-the-last", lambda c: _entered(unet.drop_skip(c.pipe.unet, 4)),
+      _refused("index", "4", "expected an int in [0, 3]"), needs_pipe=True),
+    M("silent", "frozen-timestep-negative", lambda c: unet.frozen_timestep(c.pipe.unet, -1),
+      _refused("timestep", "-1", "expected an int in [0, 10000]"), needs_pipe=True),
+    M("silent", "zero-cross-attention-side-no-layer-has", lambda c: _generated_inside(
+        c, unet.zero_cross_attention(c.pipe.unet, 5)),
+      _refused("side", "5", "the sides seen were [16, 8]"), needs_pipe=True),
+    M("silent", "record-calls-of-a-name", lambda c: _entered(unet.record_calls("conv_in")),
+      _refused("module", "'conv_in'", "expected a torch.nn.Module")),
+    M("silent", "draw-trace-of-the-unet", lambda c: unet_views.draw_trace(c.pipe.unet),
+      _refused("records", "UNet2DConditionModel", "expected a list"), needs_pipe=True),
+    M("silent", "plot-ablations-percent-not-share", lambda c: unet_views.plot_ablations(
+        {"intact": {"prompts fully right": 87.5}}),
+      _refused("scores['intact']['prompts fully right']", "87.5", "in [0.0, 1.0]")),
     # ---------------------------------------------------------------- state: nothing left behind
+    M("state", "unet-ablations-stop-button", _ablations_stopped, Behaves(_check_unhooked),
+      needs_pipe=True),
+    M("state", "record-calls-failed-cell", _record_calls_failed, Behaves(_check_unhooked),
+      needs_pipe=True),
     M("state", "attention-store-entered-twice", _store_nested, Behaves(_check_store_nested),
       needs_pipe=True),
     M("state", "attention-store-after-a-failed-cell", _store_after_failure,
@@ -607,6 +748,16 @@ MISTAKES = [
       _refused("token", "'sks'", "angle brackets"), needs_pipe=True),
     M("loading", "load-embedding-tilde-path", _home_embedding, Behaves(_check_knows_star),
       needs_pipe=True),
+    M("loading", "unclip-folder-with-pickle-weights", lambda c: unclip.load_pipeline(
+        _unclip_folder(c, {"unet": {"config.json": b"{}", "diffusion_pytorch_model.bin": b"x"}})),
+      _refused("model", "unet", "only pickle weights ['diffusion_pytorch_model.bin']")),
+    M("loading", "unclip-folder-without-its-unet", lambda c: unclip.load_pipeline(
+        _unclip_folder(c, {}, missing=("unet",))), _refused("model", "unet",
+                                                            "a unet/ subfolder was expected")),
+    M("loading", "unclip-folder-garbage-weights", lambda c: unclip.load_pipeline(
+        _unclip_folder(c, {"image_encoder": {"config.json": b"{}",
+                                             "model.safetensors": b"<html>" * 9}})),
+      _refused("model", "model.safetensors", "do not start like one")),
     M("loading", "training-checkpoint-truncated", lambda c: training._load_ckpt(
         _truncated(_ckpt(c)), {"vae": training.make_vae()}, None),
       _refused("path", "vae.ckpt.safetensors", "a checkpoint written by sdkit.training")),

@@ -261,14 +261,14 @@ def test_collect_pointing_images_are_the_pipelines(tiny_pipe):
 @pytest.mark.timeout(300, func_only=True)
 def test_pointing_rate_of_the_toy_model(toy_pipe):
     """The model card's figure on the first eval prompts (one-object ones), with the card's
-    seeds: every object found is hit (notebook 03 measures one- and two-object prompts)."""
+    seeds: every object found is hit (notebook 04 measures one- and two-object prompts)."""
     prompts, seeds = shapes.eval_prompts(240)[:3], [10_000, 10_001, 10_002]
     figs = pointing_rate(toy_pipe, prompts, seeds)
     assert figs == {"attention_pointing": 1.0, "attention_objects": 3}
 
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
-    "03_text_and_cross_attention.py"
+    "04_text_and_cross_attention.py"
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,7 @@ def test_head_weights_checker_accepts_the_reference_solution(head_inputs, capsys
 
 
 def _wrong(kind):
-    """Plausible wrong answers to notebook 03's exercise, as functions."""
+    """Plausible wrong answers to notebook 04's exercise, as functions."""
     def fn(attn, x, ctx, head):
         d = attn.to_q.out_features // attn.heads
         cols = slice(head * d, (head + 1) * d)

@@ -17,7 +17,7 @@ bad value, so no two rows refuse the same value of the same parameter for the sa
 shared ``checks.*`` are called directly only for kinds no public function reaches first.
 Rows marked ``needs_pipe`` get the tiny random pipeline of tests/conftest.py (the toy's
 tokenizer, 64 px); ``needs_unclip`` rows also get a toy unCLIP model fitted to it once
-(notebook 10); ``no_accelerator`` rows run as on a machine without CUDA or MPS; ``env`` rows
+(notebook 11); ``no_accelerator`` rows run as on a machine without CUDA or MPS; ``env`` rows
 set environment variables first. The widget panel test at the end checks that an error in a
 callback is shown in the panel, which keeps working.
 """
@@ -693,7 +693,7 @@ CASES = [
          Refused("image_size", "0", "[32, 2048]"), needs_pipe=True),
     Case("panel-unknown-strip", lambda c: _panel(c, strip="film"),
          Refused("strip", "'film'", "one of ['vae', 'preview']"), needs_pipe=True),
-    # ---- generation and bench (notebook 06)
+    # ---- generation and bench (notebook 07)
     Case("bench-full-run-without-cuda", lambda c: bench.main(["--device", "cpu"]),
          Refused("device", "'cpu'", "the full benchmark needs a CUDA GPU"), no_accelerator=True),
     Case("bench-results-file-without-markers", lambda c: bench._write_results(
@@ -724,7 +724,7 @@ CASES = [
          Refused("noise_level", "1000])", "expected ints in [0, 999]"), needs_unclip=True),
     # a checker never raises on a wrong answer (tests/test_variations.py), but a non-function
     # is no answer: it is refused
-    # ---- training and evaluation (notebook 11)
+    # ---- training and evaluation (notebook 12)
     Case("make-unet-channels-30", lambda c: training.make_unet((30,)),
          Refused("block_out_channels", "(30,)", "multiples of 16 in [16, 1024]")),
     Case("training-data-none", lambda c: training.training_data(0),
@@ -829,7 +829,7 @@ def test_every_module_imports_and_the_removed_ones_are_gone(sdkit_modules):
 
 @pytest.fixture(scope="module")
 def toy_unclip(tiny_pipe):
-    """A toy unCLIP model (notebook 10) fitted to the tiny pipeline in a few steps."""
+    """A toy unCLIP model (notebook 11) fitted to the tiny pipeline in a few steps."""
     return variations.fit(tiny_pipe, n_images=64, encoder_steps=1, projector_steps=1, batch=16,
                           progress=False)
 

@@ -97,7 +97,7 @@ def test_parameter_counts_are_the_shipped_files_tensors(toy_pipe):
 # ------------------------------------------------------------------------------ the exercise
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
-    "06_full_generation.py"
+    "07_full_generation.py"
 
 
 def test_reference_solution_passes_the_fp16_checker(capsys):

@@ -9,7 +9,7 @@ open it (in a workspace of its own), Run All from the Run menu, wait for idle, t
 - no cell shows an error output, a dead kernel or a widget that failed to display;
 - no cell shows red (stderr) output that tests/allowed_output.py does not allow (the same
   allow-list the nbval run uses);
-- the widget notebooks' sliders are moved with the keyboard and the image must change: 05's
+- the widget notebooks' sliders are moved with the keyboard and the image must change: 06's
   GuidancePanel (guidance, steps), every ``interact`` slider with a picture (02's steps);
   a notebook whose code calls ``interact(`` or ``GuidancePanel(`` must show them;
 - screenshots: test-artifacts/browser/<notebook>/ (git-ignored): ``1-opened.png``,
@@ -77,7 +77,7 @@ ERROR_LINE = ".sdkit-error"
 # sharing cores) multiply them all with SDKIT_BROWSER_TIMEOUT_SCALE, e.g. 4
 _SCALE = float(os.environ.get("SDKIT_BROWSER_TIMEOUT_SCALE", "1"))
 LAB_START_TIMEOUT = 120 * _SCALE  # s
-RUN_ALL_TIMEOUT = 480 * _SCALE  # s, the whole notebook (09, the slowest, takes ~3 min)
+RUN_ALL_TIMEOUT = 480 * _SCALE  # s, the whole notebook (10, the slowest, takes ~3 min)
 SLIDER_TIMEOUT = 60 * _SCALE  # s, one regeneration after a slider move
 
 # JupyterLab settings for the test: no news/update checks (they would go online and pop up),
@@ -351,7 +351,7 @@ def _slider_changes_image(page, root, selector: str, image, name: str, artifacts
 
 
 def _drive_panel(page, artifacts: Path, notebook: str) -> dict:
-    """05's GuidancePanel: the guidance slider, then the steps slider, each changes the image."""
+    """06's GuidancePanel: the guidance slider, then the steps slider, each changes the image."""
     panel = page.locator(PANEL).last
     image = panel.locator(IMAGE).last
     image.wait_for(state="visible", timeout=30_000)

@@ -30,25 +30,25 @@ def test_stderr_is_flagged_and_quoted():
 
 
 def test_an_allowed_line_passes_only_where_it_is_allowed():
-    allowed = (Allowed("07_*", r"note: .* is slow on a CPU", "a test entry"),)
+    allowed = (Allowed("08_*", r"note: .* is slow on a CPU", "a test entry"),)
     out = [_stream("stderr", "note: this step is slow on a CPU\n\n")]
-    assert offending(out, "07_image_to_image.ipynb", allowed) == []
+    assert offending(out, "08_image_to_image.ipynb", allowed) == []
     assert offending(out, "01_forward_noising.ipynb", allowed) == [
         "stderr: note: this step is slow on a CPU"]
     # the whole line must match, not a part of it
     longer = [_stream("stderr", "note: this step is slow on a CPU, and broken\n")]
-    assert offending(longer, "07_image_to_image.ipynb", allowed) != []
+    assert offending(longer, "08_image_to_image.ipynb", allowed) != []
 
 
 def test_warnings_in_other_outputs_are_flagged():
     warned = [_stream("stdout", "/x/y.py:12: FutureWarning: `foo` is deprecated\n"),
               {"output_type": "execute_result", "execution_count": 1,
                "data": {"text/plain": "UserWarning: careful"}, "metadata": {}}]
-    bad = offending(warned, "03_text_and_cross_attention.ipynb", allowed=())
+    bad = offending(warned, "04_text_and_cross_attention.ipynb", allowed=())
     assert len(bad) == 2 and "FutureWarning" in bad[0] and "UserWarning" in bad[1]
     quiet = [_stream("stdout", "a Warning sign is not a warning: 3 shapes\n"),
              {"output_type": "display_data", "data": {"image/png": "iVBOR"}, "metadata": {}}]
-    assert offending(quiet, "03_text_and_cross_attention.ipynb", allowed=()) == []
+    assert offending(quiet, "04_text_and_cross_attention.ipynb", allowed=()) == []
 
 
 def test_a_text_progress_bar_on_stderr_is_flagged_with_a_hint():

@@ -1,4 +1,4 @@
-"""sdkit.evaluation: the model card's figures, the card itself, and notebook 11's checker.
+"""sdkit.evaluation: the model card's figures, the card itself, and notebook 12's checker.
 (Bad inputs: tests/test_bad_inputs.py.)"""
 
 import json

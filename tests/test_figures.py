@@ -20,11 +20,12 @@ FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?(%|dB)")
 # (notebook prefix, figure as written): why it is not about the kit's model
 NOT_ABOUT_THE_MODEL: dict[tuple[str, str], str] = {
     ("01", "6.8%"): "sqrt(alphabar_999) of SD's scaled_linear schedule, arithmetic on its betas",
-    ("04", "20dB"): "what a PSNR means to the eye, not a measurement",
-    ("04", "30dB"): "what a PSNR means to the eye, not a measurement",
-    ("09", "10%"): "a training setting (the empty-prompt share p_uncond), not a measured figure",
-    ("09", "30%"): "a training setting (the hypernetwork's p_uncond), not a measured figure",
-    ("11", "10%"): "a training setting (the recipe's p_uncond), not a measured figure",
+    ("02", "25%"): "the resolution of a share of four prompts (1/4), arithmetic",
+    ("05", "20dB"): "what a PSNR means to the eye, not a measurement",
+    ("05", "30dB"): "what a PSNR means to the eye, not a measurement",
+    ("10", "10%"): "a training setting (the empty-prompt share p_uncond), not a measured figure",
+    ("10", "30%"): "a training setting (the hypernetwork's p_uncond), not a measured figure",
+    ("12", "10%"): "a training setting (the recipe's p_uncond), not a measured figure",
 }
 
 

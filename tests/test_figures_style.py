@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from sdkit import (
@@ -27,11 +27,14 @@ from sdkit import (
     checks,
     figures,
     finetune,
+    guidance,
     images,
     latents,
     noising,
+    samplers,
     sampling_views,
-    widgets,
+    unet,
+    unet_views,
 )
 from sdkit.shapes import Obj
 
@@ -189,6 +192,17 @@ def _fake_trajectory(n=6):
     return t
 
 
+def _fake_run(n):
+    """Only what plot_x0_paths reads: x0_hat moving smoothly from -1 to 1 as sigma falls."""
+    t = _Traj.__new__(_Traj)
+    t.num_inference_steps, t.prompts = n, ["a red circle on the left"]
+    t.alphas_cumprod = torch.linspace(2**-24, 0.99, n)  # (S,), noisiest first
+    ramp = torch.tanh(torch.linspace(-3, 3, n)).view(n, 1, 1, 1, 1)
+    t.pred_x0 = ramp * torch.linspace(0.5, 2, 4 * 4 * 4).view(1, 1, 4, 4, 4)  # (S, 1, 4, 4, 4)
+    t.latents = torch.zeros(n + 1, 1, 4, 4, 4)
+    return t
+
+
 def _word_maps():
     return torch.softmax(torch.randn(6, 8, 8), 0)  # (T, 8, 8), weights over 6 tokens
 
@@ -204,6 +218,20 @@ def _pointing_results():
     return [{"image": np.asarray(pictures(1)[0]), "objects": objects}]
 
 
+def _sd15_trace():
+    with torch.device("meta"):  # SD 1.5's UNet without weights: the largest diagram
+        return unet.trace_shapes(UNet2DConditionModel(**unet.SD15_UNET))
+
+
+def _guided_runs():
+    """guidance.sweep's result, faked: 6 pictures (3 prompts, 2 seeds) at six settings."""
+    prompts = [p for p in ("a red circle on the left", "a green square at the top and a blue "
+                           "circle at the bottom", "a blue triangle on the right") for _ in "ab"]
+    return {(s, phi): guidance.GuidedRun(prompts, [0, 1] * 3, s, phi, 10, torch.arange(10),
+                                         pictures(6, seed=int(s)), torch.rand(10, 6) * s + 1)
+            for s, phi in ((1, 0), (4, 0), (7.5, 0), (15, 0), (7.5, 0.7), (15, 0.7))}
+
+
 def _loss_result():
     return finetune.FineTuneResult("LoRA", None, list(np.linspace(1, 0.2, 60)), 10, ["x"], 1.0)
 
@@ -212,11 +240,18 @@ DRAWING = {
     "noising.plot_schedules": lambda: noising.plot_schedules(
         {"linear": DDPMScheduler(), "cosine": DDPMScheduler(beta_schedule="squaredcos_cap_v2")},
         highlight="linear"),
-    "sampling_views.scheduler_grid": lambda: sampling_views.scheduler_grid(
-        {(n, k): pictures(2, seed=k) for n in ("DDPM", "DDIM", "Euler", "DPM-Solver++")
-         for k in (2, 5, 10)}),
-    "sampling_views.plot_accuracy": lambda: sampling_views.plot_accuracy(
-        {(n, k): 0.75 for n in ("DDPM", "Euler") for k in (2, 5, 10)}),
+    "samplers.plot_sigmas": lambda: samplers.plot_sigmas(
+        torch.cat([torch.linspace(0.03, 50, 999), torch.tensor([float("inf")])]),
+        torch.tensor([999.0, 666, 332]), torch.tensor([4096.0, 4.0, 1.0, 0.0])),
+    "samplers.plot_x0_paths": lambda: samplers.plot_x0_paths(
+        _fake_run(20), {"5 steps (dots)": _fake_run(5)}),
+    "samplers.plot_errors": lambda: samplers.plot_errors(
+        {m: {(n, k): (f / k if n != "DDPM" else f) for n, f in (("DDIM", 1.0), ("Euler", 1.0),
+                                                                  ("DPM-Solver++", 0.5),
+                                                                  ("DDPM", 0.5))
+             for k in (1, 2, 3, 5, 10, 20)}
+         for m in ("latent distance (RMS)", "pixel distance (grey levels, RMS)")},
+        reference="100 steps of DPM-Solver++"),
     "sampling_views.plot_trajectory": lambda: sampling_views.plot_trajectory(_fake_trajectory()),
     "attention.show_word_maps": lambda: attention.show_word_maps(
         np.asarray(pictures(1)[0]), _word_maps(), TOKENS, title="a red circle on the left"),
@@ -226,12 +261,22 @@ DRAWING = {
     "attention.show_pointing": lambda: attention.show_pointing(_pointing_results()),
     "latents.show_channels": lambda: latents.show_channels(torch.randn(4, 16, 16),
                                                            title="latents"),
-    "widgets.plot_sweep": lambda: widgets.plot_sweep(
-        {s: pictures(3, seed=int(s)) for s in (0, 1, 4, 7.5, 15)},
-        row_labels=["a red circle on the left", "a green square at the top",
-                    "a blue triangle on the right"]),
+    "guidance.plot_grid": lambda: guidance.plot_grid(
+        {k: r for k, r in _guided_runs().items() if k[0] > 1}, [0, 1, 2, 3, 4, 5]),
+    "guidance.plot_measures": lambda: guidance.plot_measures(
+        {k: {m: 0.1 * s * (1 - phi) for m in guidance.MEASURES} for k in _guided_runs()
+         for s, phi in [k]}),
+    "guidance.plot_spread": lambda: guidance.plot_spread(_guided_runs()),
     "finetune.before_after_grid": lambda: finetune.before_after_grid(pictures(8), pictures(8)),
     "finetune.plot_losses": lambda: finetune.plot_losses(_loss_result()),
+    "finetune.plot_file_sizes": lambda: finetune.plot_file_sizes(
+        {"embedding": 3_072, "LoRA": 11_022_336, "the UNet": 3_438_083_856}),
+    "unet_views.draw_trace": lambda: unet_views.draw_trace(_sd15_trace()),
+    "unet_views.plot_ablations": lambda: unet_views.plot_ablations(
+        {k: {"prompts fully right": v, "objects: right colour and shape": 1 - v / 2}
+         for k, v in (("intact", 0.875), ("t-emb zeroed", 0.75), ("told t = 0", 0.0),
+                      ("skip #0 off", 0.75), ("all skips off", 0.125),
+                      ("text off 4×4", 0.5), ("text off", 0.0))}),
     "images.show": lambda: (images.show(pictures(4), ["picture", "mask (dilated by 6 px)",
                                                       "seed 0", "seed 1"], suptitle="show"),
                             plt.gcf())[1],

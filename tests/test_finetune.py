@@ -1,4 +1,4 @@
-"""Tests of notebook 09's modules (sdkit.finetune, textual_inversion, lora, hypernetwork) on
+"""Tests of notebook 10's modules (sdkit.finetune, textual_inversion, lora, hypernetwork) on
 the tiny random pipeline of tests/conftest.py (64 px pictures, 16 x 16 latents, width 32).
 
 Bad inputs are rows of tests/test_bad_inputs.py's table."""
@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from peft import LoraConfig
 from PIL import Image
 from safetensors import safe_open
 
-from sdkit import finetune, generation, hypernetwork, lora, pipeline, shapes, textual_inversion
+from sdkit import finetune, hypernetwork, lora, pipeline, shapes, textual_inversion
+from sdkit.unet import SD15_UNET
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,6 @@ def test_concept_data_is_deterministic_and_checkable(pipe, data):
         assert cap.startswith(f"a {obj.colour} <star> ")
         assert obj.shape == "star"
         assert any(b.colour == obj.colour and b.shape == "star" for b in shapes.find_blobs(im))
-    assert d.grid(3, scale=2).size == (3 * 128, 128)
 
 
 def test_style_captions_name_other_colours():
@@ -106,6 +108,34 @@ def test_v_prediction_loss_by_hand_equals_diffusion_loss(pipe, data):
     torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
 
 
+def test_per_picture_losses_serve_subject_and_class_in_one_call(pipe, data):
+    """reduction="none" gives one mean per picture: over subject and class latents in one
+    batch, each half's mean is that half's loss alone (what the prior-preservation step uses),
+    and the mean of all is the usual loss. In train_lora the subject half comes first: with
+    prior_weight=0 the first step's loss is the one without class pictures."""
+    d, latents = data
+    scheduler = pipeline.training_scheduler(pipe)
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(latents.shape, generator=g)
+    t, ctx = torch.tensor([3, 250, 600, 990]), torch.randn(4, 20, 32, generator=g)
+    with torch.no_grad():
+        per = finetune.diffusion_loss(pipe.unet, scheduler, latents, ctx, noise, t,
+                                      reduction="none")
+        assert per.shape == (4,)
+        torch.testing.assert_close(per.mean(), finetune.diffusion_loss(pipe.unet, scheduler,
+                                                                       latents, ctx, noise, t))
+        for half in (slice(0, 2), slice(2, 4)):
+            alone = finetune.diffusion_loss(pipe.unet, scheduler, latents[half], ctx[half],
+                                            noise[half], t[half])
+            torch.testing.assert_close(per[half].mean(), alone)
+    caps = [c.replace("<star>", "sks triangle") for c in d.captions]
+    kw = dict(r=2, steps=1, lr=0.05, batch_size=2, seed=4)
+    alone = lora.train_lora(pipe, latents, caps, **kw)
+    with_class = lora.train_lora(pipe, latents, caps, latents.flip(0), caps[::-1],
+                                 prior_weight=0.0, **kw)
+    assert with_class.losses[0] == pytest.approx(alone.losses[0], rel=1e-5)
+
+
 def test_fill_template_cycles_in_a_fixed_order():
     p = finetune.fill_template("a {colour} {shape} {where}", 6, colours=["red", "blue"],
                                shapes_=["star", "circle"], positions=["left", "top", "center"])
@@ -139,6 +169,60 @@ def test_textual_inversion_changes_only_the_new_row(pipe, data):
     assert res.trained_parameters == w_new.shape[1] == 32
     assert len(res.losses) == 3 and all(np.isfinite(res.losses))
     assert res.pipe.unet is pipe.unet and res.pipe.text_encoder is te
+
+
+def _masked_step(pipe, d, latents, unet, masked: bool):
+    """Notebook 10's textual-inversion step by hand, on copies: a new token "<star>" whose
+    row starts as "triangle", a hook that multiplies the table's gradient by a one-row mask
+    (or none), one AdamW step on the model's loss. Returns the loss, the rows that moved, the
+    new token's id and its row after the step."""
+    scheduler = pipeline.training_scheduler(pipe)
+    tokenizer, text_encoder = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.text_encoder)
+    tokenizer.add_tokens("<star>")
+    token_id = tokenizer.convert_tokens_to_ids("<star>")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    emb = text_encoder.get_input_embeddings().weight  # (V + 1, 32)
+    with torch.no_grad():
+        emb[token_id] = emb[tokenizer.convert_tokens_to_ids("triangle</w>")]
+    text_encoder.requires_grad_(False)
+    emb.requires_grad_(True)
+    if masked:
+        mask = torch.zeros(len(emb), 1)
+        mask[token_id] = 1.0
+        emb.register_hook(lambda grad: grad * mask)
+    before = emb.detach().clone()
+    opt = torch.optim.AdamW([emb], lr=0.1, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(latents), (2,), generator=g)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (2,), generator=g)
+    ids = tokenizer([d.captions[i] for i in idx], padding="max_length",
+                    return_tensors="pt").input_ids
+    pred = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
+    loss = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+    loss.backward()
+    opt.step()
+    moved = (emb.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    return loss.item(), moved, token_id, emb.detach()[token_id].clone()
+
+
+def test_gradient_mask_by_hand_leaves_other_rows_bit_identical(pipe, data):
+    """The mask keeps every other row bit-identical (without it the rows of the captions'
+    other tokens move too), and train_textual_inversion takes the same step: its first loss
+    and its new row after one step are the hand-written step's."""
+    d, latents = data
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)  # no gradients on the shared pipe
+    loss, moved, token_id, row = _masked_step(pipe, d, latents, unet, masked=True)
+    assert moved == [token_id]
+    _, moved_unmasked, _, _ = _masked_step(pipe, d, latents, unet, masked=False)
+    assert token_id in moved_unmasked and len(moved_unmasked) > 3
+    res = textual_inversion.train_textual_inversion(pipe, latents, d.captions, "<star>",
+                                                    "triangle", steps=1, lr=0.1, batch_size=2)
+    assert res.extra["token_id"] == token_id
+    assert res.losses[0] == pytest.approx(loss, rel=1e-6)
+    torch.testing.assert_close(res.extra["text_encoder"].get_input_embeddings().weight[token_id],
+                               row)
 
 
 def test_textual_inversion_is_deterministic(pipe, data):
@@ -208,6 +292,35 @@ def test_lora_leaves_base_weights_and_counts_parameters(pipe, data):
     assert len(res.trained_modules) == 4 * n_attn + 2 * n_resnets
 
 
+def test_peft_lora_layers_compute_w_x_plus_scaled_b_a_x(pipe):
+    """Notebook 10's wrapping by hand: LoraConfig + unet.add_adapter leave only lora_A /
+    lora_B trainable (lora_parameter_count of them); B = 0 leaves the UNet's output unchanged,
+    exactly; a linear layer computes W x + (alpha / r) B A x, a convolution
+    W * x + (alpha / r) B * (A * x)."""
+    config = LoraConfig(r=2, lora_alpha=6, init_lora_weights=True,
+                        target_modules=list(lora.LORA_TARGETS))
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    unet.add_adapter(config)
+    trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert sum(p.numel() for p in trainable.values()) == lora.lora_parameter_count(pipe.unet, 2)
+    x, t, ctx = _unet_inputs()
+    lin = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v
+    conv = unet.down_blocks[0].resnets[0].conv1
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, ctx).sample, pipe.unet(x, t, ctx).sample)
+        for layer in (lin, conv):
+            torch.nn.init.normal_(layer.lora_B["default"].weight)
+        a, b = lin.lora_A["default"].weight, lin.lora_B["default"].weight  # (2, in), (out, 2)
+        h = torch.randn(3, 20, a.shape[1])
+        torch.testing.assert_close(lin(h), lin.base_layer(h) + 6 / 2 * h @ a.T @ b.T)
+        a, b = conv.lora_A["default"].weight, conv.lora_B["default"].weight  # 3x3 to 2, 1x1 back
+        z = torch.randn(2, conv.base_layer.in_channels, 16, 16)
+        by_hand = conv.base_layer(z) + 6 / 2 * F.conv2d(F.conv2d(z, a, padding=1), b)
+        torch.testing.assert_close(conv(z), by_hand)
+        assert not torch.equal(unet(x, t, ctx).sample, pipe.unet(x, t, ctx).sample)
+
+
 def test_lora_on_attention_only_is_an_option(pipe, data):
     d, latents = data
     caps = [c.replace("<star>", "sks triangle") for c in d.captions]
@@ -267,6 +380,8 @@ def test_zero_initialised_hypernetwork_equals_stock_processor(pipe):
         h = torch.randn(2, 64, attn.to_q.in_features)
         proc = hypernetwork.HypernetworkAttnProcessor(*hyper.pair(name))
         assert torch.equal(proc(attn, h, ctx), AttnProcessor2_0()(attn, h, ctx))
+        # and diffusers' classic processor (baddbmm, softmax): the same up to rounding
+        torch.testing.assert_close(proc(attn, h, ctx), AttnProcessor()(attn, h, ctx))
         # a non-zero output layer changes the keys and so the result
         torch.nn.init.normal_(hyper.k[0].mlp[2].weight)
         assert not torch.equal(proc(attn, h, ctx), AttnProcessor2_0()(attn, h, ctx))
@@ -378,8 +493,8 @@ SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
 
 
 def test_sd15_lora_checker_accepts_the_reference_solution(capsys):
-    namespace = {"torch": torch}  # what notebook 09 has at its exercise, the rest it imports
-    exec((SOLUTIONS / "09_fine_tuning.py").read_text(encoding="utf-8"), namespace)
+    namespace = {"torch": torch}  # what notebook 10 has at its exercise, the rest it imports
+    exec((SOLUTIONS / "10_fine_tuning.py").read_text(encoding="utf-8"), namespace)
     assert namespace["lora_fp16_bytes"] == 1_594_368  # 797,184 numbers: diffusers' known count
     assert lora.check_sd15_lora_bytes(namespace["lora_fp16_bytes"]) is True
     assert "Right" in capsys.readouterr().out
@@ -411,7 +526,7 @@ def test_sd15_lora_checker_unsolved_and_odd_answers(capsys):
 
 def test_sd15_lora_sizes_agree_with_lora_parameter_count():
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**generation.SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET)
     n = lora._sd15_lora_sizes(4)
     assert n["all"] == lora.lora_parameter_count(unet, 4, lora.ATTENTION_TARGETS) == 797_184
     assert n["a"] + n["b"] == n["all"] == n["attn1"] + n["attn2"]

@@ -102,7 +102,7 @@ def test_img2img_leaves_the_pipelines_scheduler_alone(tiny_pipe, example):
 
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
-    "07_image_to_image.py"
+    "08_image_to_image.py"
 
 
 def _solution(pipe):

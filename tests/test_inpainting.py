@@ -156,7 +156,7 @@ def test_outpaint_size_and_kept_part(tiny_pipe, example, side):
 
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
-    "08_inpainting_and_outpainting.py"
+    "09_inpainting_and_outpainting.py"
 
 
 def test_reference_solution_passes_the_latent_mask_checker(capsys):

@@ -20,7 +20,7 @@ from sdkit import images, latents, noising, sampling, shapes
 class BrightnessVAE(torch.nn.Module):
     """A stand-in for an AutoencoderKL (factor 4, 4 channels) whose latent channel ``channel``
     is minus the brightness of each 4 x 4 patch and whose other channels are noise: the answer
-    to notebook 04's exercise is ``channel`` by construction."""
+    to notebook 05's exercise is ``channel`` by construction."""
 
     def __init__(self, channel: int):
         super().__init__()
@@ -114,7 +114,7 @@ SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
 
 def reference_answer(vae) -> torch.Tensor:
     namespace = {"vae": vae}  # what the solution reads from the notebook
-    exec((SOLUTIONS / "04_vae_latents.py").read_text(), namespace)
+    exec((SOLUTIONS / "05_vae_latents.py").read_text(), namespace)
     return namespace["brightness_corr"]
 
 

@@ -216,7 +216,7 @@ def package():
 def test_the_rule_is_stated_as_expected(package):
     ground, notebooks, *_ = package
     assert ground == ("checks", "threads", "device", "images", "figures", "shapes", "pipeline")
-    assert sorted(notebooks) == list(range(1, 12)), "one entry per notebook 01..11"
+    assert sorted(notebooks) == list(range(1, 13)), "one entry per notebook 01..12"
     assert all(isinstance(mods, tuple) and mods for mods in notebooks.values())
 
 

@@ -26,7 +26,7 @@ def _cpu_seconds(fn) -> float:
 
 
 def test_attention_capture_costs_little(toy_pipe):
-    """Notebook 03: capture adds one small matmul and softmax per cross-attention layer.
+    """Notebook 04: capture adds one small matmul and softmax per cross-attention layer.
     Goal on a quiet machine: at most +10% CPU time per image (measured +4%); the bound here
     leaves room for a busy machine, and still fails if capture recomputed the layers."""
     generate(toy_pipe, PROMPT, 3)  # warm up
@@ -44,7 +44,7 @@ def test_attention_capture_costs_little(toy_pipe):
 
 
 def test_guidance_panel_redraws_from_its_cache_at_once(toy_pipe):
-    """Notebook 05: a setting seen before is redrawn from the cache (goal: at most 50 ms);
+    """Notebook 06: a setting seen before is redrawn from the cache (goal: at most 50 ms);
     the approximate preview needs no UNet call and is faster than a full regeneration
     (goal on a laptop CPU: at most 300 ms for the toy model's 10 steps)."""
     panel = widgets.GuidancePanel(toy_pipe, prompt="a red circle on the left", seed=1000,

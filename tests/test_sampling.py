@@ -1,18 +1,23 @@
-"""sdkit.sampling and sdkit.sampling_views: the hand-written denoising loop equals diffusers'
-pipeline, and its records (predicted x_0, guidance) equal the library's own computations. Uses
-the tiny random pipeline of tests/conftest.py (the toy's tokenizer and sampler, 64 px, 16 x 16
-latents), so it needs no trained weights. (Bad inputs: tests/test_bad_inputs.py.)"""
+"""sdkit.sampling and sdkit.samplers (notebook 02): the hand-written denoising loop equals
+diffusers' pipeline, and its records (predicted x_0, guidance) equal the library's own
+computations; the steps notebook 02 writes by hand (DDIM's, Euler's in the reference solution,
+DPM-Solver++'s 2M update) equal diffusers' ``scheduler.step``; the distance to a many-step
+reference falls as steps grow; the exercise's checker accepts the reference solution and names
+the usual wrong ones. Uses the tiny random pipeline of tests/conftest.py (the toy's tokenizer
+and sampler, 64 px, 16 x 16 latents), so it needs no trained weights. (Bad inputs:
+tests/test_bad_inputs.py, tests/mistakes_notebooks.py.)"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from sdkit import images, sampling, sampling_views
+from sdkit import images, samplers, sampling
 
 PROMPT = "a red circle on the left"
 
@@ -214,59 +219,172 @@ def test_make_scheduler_names(pipe):
         assert sampling.scheduler_name(s) == name
 
 
-SOLUTIONS = Path(__file__).resolve().parent.parent / "notebooks" / "solutions"
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK = NOTEBOOKS / "02_reverse_denoising.ipynb"
 
 
-def reference_pred_x0_from_v():
+def notebook_function(name):
+    """The function ``name`` as notebook 02 writes it in a cell of its own (the cell that
+    starts with ``def name(``), executed with torch only."""
+    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    (source,) = ["".join(c["source"]) for c in cells
+                 if c["cell_type"] == "code" and "".join(c["source"]).startswith(f"def {name}(")]
+    namespace = {"torch": torch}
+    exec(source, namespace)
+    return namespace[name]
+
+
+def reference_euler_step():
     namespace = {}  # the solution needs nothing from the notebook
-    exec((SOLUTIONS / "02_reverse_denoising.py").read_text(), namespace)
-    return namespace["pred_x0_from_v"]
+    exec((NOTEBOOKS / "solutions" / "02_reverse_denoising.py").read_text(), namespace)
+    return namespace["euler_step"]
+
+
+# schedules of both kinds: the toy's (v, zero terminal SNR) and SD 1.x's (epsilon, not rescaled)
+SCHEDULES = {
+    "v_prediction": samplers.TOY_SCHEDULE,
+    "epsilon": {**samplers.TOY_SCHEDULE, "prediction_type": "epsilon",
+                "rescale_betas_zero_snr": False, "timestep_spacing": "leading",
+                "steps_offset": 1},
+}
+
+
+@pytest.mark.parametrize("prediction_type", list(SCHEDULES))
+@pytest.mark.parametrize("steps", [10, 3])
+def test_notebook_ddim_step_equals_diffusers(prediction_type, steps):
+    ddim_step = notebook_function("ddim_step")
+    sched = DDIMScheduler.from_config(SCHEDULES[prediction_type])
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(steps)
+    for t in sched.timesteps:
+        x_t, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        t_prev = t - sched.config.num_train_timesteps // steps  # as the notebook's cell
+        a_prev = sched.alphas_cumprod[t_prev] if t_prev >= 0 else sched.final_alpha_cumprod
+        mine = ddim_step(out, x_t, sched.alphas_cumprod[t], a_prev, prediction_type)
+        assert torch.allclose(mine, sched.step(out, t, x_t).prev_sample, atol=1e-5), int(t)
+
+
+@pytest.mark.parametrize("prediction_type", list(SCHEDULES))
+@pytest.mark.parametrize("steps", [10, 3])
+def test_reference_euler_step_equals_diffusers(prediction_type, steps):
+    euler_step = reference_euler_step()
+    sched = EulerDiscreteScheduler.from_config(SCHEDULES[prediction_type])
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(steps)
+    for i, t in enumerate(sched.timesteps):
+        s, s_next = sched.sigmas[i], sched.sigmas[i + 1]
+        x = torch.randn(2, 4, 8, 8, generator=g) + s * torch.randn(2, 4, 8, 8, generator=g)
+        out = torch.randn(2, 4, 8, 8, generator=g)
+        sched.scale_model_input(x, t)  # as the loop does before every step
+        want = sched.step(out, t, x).prev_sample
+        got = euler_step(x, out, s, s_next, prediction_type)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * (1 + float(s))), (i, float(s))
+
+
+@pytest.mark.parametrize("prediction_type", list(SCHEDULES))
+def test_ddim_step_in_sigma_variables_is_euler_step(prediction_type):
+    """Notebook 02, section 6: divided by sqrt(alpha_bar_prev), DDIM's step is Euler's."""
+    ddim_step = notebook_function("ddim_step")
+    sched = EulerDiscreteScheduler.from_config(SCHEDULES[prediction_type])
+    sched.set_timesteps(7)
+    g = torch.Generator().manual_seed(1)
+    for i, t in enumerate(sched.timesteps):
+        s, s_next = sched.sigmas[i], sched.sigmas[i + 1]
+        x = torch.randn(1, 4, 8, 8, generator=g) + s * torch.randn(1, 4, 8, 8, generator=g)
+        out = torch.randn(1, 4, 8, 8, generator=g)
+        x_t = sched.scale_model_input(x, t)  # x / sqrt(sigma^2 + 1)
+        via_ddim = ddim_step(out, x_t, 1 / (s**2 + 1), 1 / (s_next**2 + 1),
+                             prediction_type) * (s_next**2 + 1).sqrt()
+        assert torch.allclose(via_ddim, sched.step(out, t, x).prev_sample, rtol=1e-4,
+                              atol=1e-4 * (1 + float(s))), i
+
+
+def test_dpm_solver_2m_update_as_notebook_02_writes_it(pipe):
+    """DPM-Solver++(2M): DDIM's step in sigma toward x0_hat extrapolated from the last two."""
+    traj = sampling.sample(pipe, PROMPT, 4, 6, 3.0, scheduler="DPM-Solver++")
+    dpm = sampling.make_scheduler("DPM-Solver++", pipe)
+    dpm.set_timesteps(6)
+    sig = dpm.sigmas.view(-1, 1, 1, 1, 1)
+    x = traj.latents * (sig**2 + 1).sqrt()
+    for i in range(1, 5):
+        h, h_prev = (sig[i] / sig[i + 1]).log(), (sig[i - 1] / sig[i]).log()
+        d = traj.pred_x0[i] + h / (2 * h_prev) * (traj.pred_x0[i] - traj.pred_x0[i - 1])
+        assert torch.allclose(d + sig[i + 1] / sig[i] * (x[i] - d), x[i + 1], rtol=1e-4,
+                              atol=1e-4), i
+        plain = traj.pred_x0[i] + sig[i + 1] / sig[i] * (x[i] - traj.pred_x0[i])
+        assert not torch.allclose(plain, x[i + 1], atol=1e-3), i  # not DDIM's step: it reuses
+    # the first step has no earlier x0_hat, the last lands on sigma = 0: plain DDIM steps
+    for i in (0, 5):
+        plain = traj.pred_x0[i] + sig[i + 1] / sig[i] * (x[i] - traj.pred_x0[i])
+        assert torch.allclose(plain, x[i + 1], rtol=1e-4, atol=1e-4), i
+
+
+def test_distance_to_a_many_step_reference_falls_with_steps(pipe):
+    """Notebook 02, section 8, on the tiny pipeline: deterministic samplers approach the
+    reference as steps grow, DPM-Solver++ faster than DDIM, DDPM (stochastic) does not."""
+    prompts, seeds = [PROMPT, "a blue square at the top"], [1, 2]
+    reference = sampling.sample(pipe, prompts, seeds, 30, 3.0, scheduler="DPM-Solver++")
+    runs = samplers.run_samplers(pipe, prompts, seeds, (2, 4, 10), ("DDIM", "DPM-Solver++",
+                                                                    "DDPM"), 3.0)
+    assert set(runs) == {(n, k) for n in ("DDIM", "DPM-Solver++", "DDPM") for k in (2, 4, 10)}
+    d = {key: (run.latents[-1] - reference.latents[-1]).pow(2).flatten(1).mean(1).sqrt().mean()
+         for key, run in runs.items()}
+    for name in ("DDIM", "DPM-Solver++"):
+        assert d[(name, 2)] > d[(name, 4)] > d[(name, 10)], name
+    assert d[("DDIM", 10)] < 0.5 * d[("DDIM", 2)]
+    assert d[("DPM-Solver++", 10)] < 0.7 * d[("DDIM", 10)]
+    assert d[("DDPM", 10)] > 2 * d[("DDIM", 10)]
+    assert torch.equal(runs[("DDIM", 2)].latents[0], reference.latents[0])  # the same noise
 
 
 def test_the_reference_solution_passes_the_checker(pipe, capsys):
-    traj = sampling.sample(pipe, PROMPT, 0, 4, 3.0)  # the tiny pipeline predicts v, like the toy
-    fn = reference_pred_x0_from_v()
-    assert sampling_views.check_pred_x0_from_v(fn, traj) is True
-    assert "On step 2 of traj" in capsys.readouterr().out
-    assert sampling_views.check_pred_x0_from_v(fn) is True  # made-up latents only
-    x_t, v = torch.randn(3, 4, 4), torch.randn(3, 4, 4)  # and it is predicted_x0's formula
-    assert torch.allclose(fn(x_t, v, torch.tensor(0.3)),
-                          sampling.predicted_x0(x_t, v, 0.3, "v_prediction"), atol=1e-6)
+    assert samplers.check_euler_step(reference_euler_step()) is True
+    assert "Right: your step equals EulerDiscreteScheduler.step on 26 inputs" in \
+        capsys.readouterr().out
+    assert samplers.check_euler_step(reference_euler_step(), pipe) is True  # the pipe's schedule
+
+
+def _x0(x, o, s, p):
+    return x / (s**2 + 1) - s / (s**2 + 1) ** 0.5 * o if p == "v_prediction" else x - s * o
+
+
+def _step(x0):
+    return lambda x, o, s, sn, p: x + (sn - s) * (x - x0(x, o, s, p)) / s
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (lambda x, v, a: (1 - a).sqrt() * x - a.sqrt() * v, "swapped"),
-    (lambda x, v, a: a.sqrt() * x + (1 - a).sqrt() * v, "sign of the v term"),
-    (lambda x, v, a: (x - (1 - a).sqrt() * v) / a.sqrt(), "epsilon formula"),  # v taken for eps
-    (lambda x, v, a: a * x - (1 - a) * v, "square roots"),
-    (lambda x, v, a: a.sqrt() * x - (1 - a).sqrt() * v + 0.01, "Hint: write x_0 = c1 x_t"),
+    # sample used as the UNet's input (no scale_model_input), or sqrt(alpha_bar) forgotten
+    (_step(lambda x, o, s, p: (x - s * o) / (s**2 + 1) ** 0.5 if p == "v_prediction"
+           else x - s * o), "divides by sqrt(sigma^2 + 1) only once"),
+    (_step(lambda x, o, s, p: x - s * o), "v, which is not the noise"),  # v taken for eps
+    (lambda x, o, s, sn, p: x + (sn - s) * o, "v, which is not the noise"),  # output as slope
+    (_step(lambda x, o, s, p: _x0(x, o, s, "v_prediction")), "the model output is the noise"),
+    (_step(lambda x, o, s, p: _x0(x, o, s, p) if p == "v_prediction"
+           else x * (s**2 + 1) ** 0.5 - s * o), "already x_t * sqrt(sigma^2 + 1)"),
+    (lambda x, o, s, sn, p: x - (sn - s) * (x - _x0(x, o, s, p)) / s, "wrong way"),  # dt sign
+    (lambda x, o, s, sn, p: _step(_x0)(x, o, s, sn, p) / (sn**2 + 1) ** 0.5, "x_t scale"),
+    (lambda x, o, s, sn, p: _x0(x, o, s, p), "jumps straight to x0_hat"),
+    (lambda x, o, s, sn, p: x + (sn - s) * (x - _x0(x, o, s, p)) / sn.clamp(min=1e-3),
+     "Hint: x0_hat from the model output"),  # slope at the wrong sigma: the general hint
 ])
 def test_checker_names_the_usual_mistakes(wrong, hint, capsys):
-    assert sampling_views.check_pred_x0_from_v(wrong) is False
-    assert hint in capsys.readouterr().out
+    assert samplers.check_euler_step(wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet:") and hint in out, out
 
 
-def test_checker_reports_unsolved_and_broken_answers_without_raising(pipe, capsys):
-    def unsolved(x_t, v, alpha_bar):
+def test_checker_reports_unsolved_and_broken_answers_without_raising(capsys):
+    def unsolved(sample, model_output, sigma, sigma_next, prediction_type):
         ...
 
     for answer in (None, unsolved):
-        assert sampling_views.check_pred_x0_from_v(answer) is False
+        assert samplers.check_euler_step(answer) is False
         assert "not solved yet" in capsys.readouterr().out
-
-    def broken(x_t, v, alpha_bar):
-        return x_t.reshape(3, -1)  # a bug: 512 numbers do not split in 3
-
-    assert sampling_views.check_pred_x0_from_v(broken) is False
-    assert "raised RuntimeError" in capsys.readouterr().out
-    assert sampling_views.check_pred_x0_from_v(lambda x, v, a: x[0]) is False
-    assert "Expected a tensor shaped like x_t" in capsys.readouterr().out
-    assert sampling_views.check_pred_x0_from_v("x0") is False
+    assert samplers.check_euler_step(lambda x, o, s, sn: x) is False  # no prediction_type
+    assert "raised TypeError" in capsys.readouterr().out
+    assert samplers.check_euler_step(lambda x, o, s, sn, p: x[0]) is False
+    assert "Expected a tensor shaped like sample" in capsys.readouterr().out
+    assert samplers.check_euler_step(lambda x, o, s, sn, p: x * float("nan")) is False
+    assert "off by up to nan" in capsys.readouterr().out
+    assert samplers.check_euler_step("x + dt * d") is False
     assert "Expected a function" in capsys.readouterr().out
-    # right on made-up latents but not on the trajectory: the learner's function is not
-    # given the trajectory's inputs, so only a function that looks at its input's shape fails
-    fn = reference_pred_x0_from_v()
-    traj = sampling.sample(pipe, PROMPT, 0, 4, 3.0)
-    picky = lambda x, v, a: fn(x, v, a) if x.ndim == 4 else fn(x, v, a) + 1  # noqa: E731
-    assert sampling_views.check_pred_x0_from_v(picky, traj) is False
-    assert "on step 2 of traj it is off" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """sdkit.training: the recipe's parts (tokenizer, architectures, schedule, data, checkpoints,
-stages) and the shipped model in data/toy-sd that the recipe made; and notebook 11's exercise
+stages) and the shipped model in data/toy-sd that the recipe made; and notebook 12's exercise
 checker (``evaluation.check_eps_from_v``) with its reference solution."""
 
 import json
@@ -181,7 +181,7 @@ def test_cli_lists_both_commands(capsys):
 # ------------------------------------------------------------------------------ the exercise
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
-    "11_training_from_scratch.py"
+    "12_training_from_scratch.py"
 
 
 def _ab(ac, t):

@@ -1,18 +1,25 @@
-"""sdkit.widgets: the guidance panel reacts to its widgets, redraws from its cache without
-calling the UNet, checks each input once per update, and ``replay`` (its preview) is exact at
-step 0 only. Uses conftest's tiny random pipeline (``tiny_pipe``); the panel's bad arguments
-and its error line are in tests/test_bad_inputs.py."""
+"""Notebook 06's modules. sdkit.widgets: the guidance panel reacts to its widgets, redraws
+from its cache without calling the UNet, checks each input once per update, and ``replay``
+(its preview) is exact at step 0 only. sdkit.guidance: guidance gives one step whether
+combined in epsilon, v or x0 space; rescale's identities; ``sample_rescaled`` is the
+pipeline's own loop, ``guidance_rescale`` included; the diversity measure; the exercise's
+checker. Uses conftest's tiny random pipeline (``tiny_pipe``); the panel's bad arguments and
+its error line are in tests/test_bad_inputs.py, the guidance helpers' in
+tests/mistakes_notebooks.py."""
 
 from __future__ import annotations
 
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
 
-from sdkit import checks, sampling, widgets
+from sdkit import checks, guidance, sampling, widgets
+from sdkit.pipeline import make_generators
 
 PROMPT = "a red circle on the left"
 
@@ -170,25 +177,129 @@ def test_replay_ddpm_reuses_the_same_step_noise(pipe):
     assert torch.equal(widgets.replay(traj, 3.0).latents, traj.latents)
 
 
-def test_guidance_sweep_matches_sample_and_plots(pipe):
-    sweep = widgets.guidance_sweep(pipe, [PROMPT, "a blue square at the top"], [1, 2],
-                                   scales=(0, 4), num_inference_steps=2)
-    assert list(sweep) == [0, 4] and all(len(v) == 2 for v in sweep.values())
-    want = sampling.sample(pipe, [PROMPT, "a blue square at the top"], [1, 2], 2, 4).images()
-    assert [im.tobytes() for im in sweep[4]] == [im.tobytes() for im in want]
-    assert sweep[0][0].tobytes() != sweep[4][0].tobytes()
-    fig = widgets.plot_sweep(sweep, row_labels=["one", "two"])
-    assert [ax.get_title() for ax in fig.axes[:1]] == ["s = 0"] and len(fig.axes) == 4
+# ------------------------------------------------------------------------------ guidance
+
+
+def _eps_x0_from_v(v, x_t, a):
+    """(eps, x0) from a v prediction: x_t = sqrt(a) x0 + sqrt(1-a) eps, v = sqrt(a) eps -
+    sqrt(1-a) x0 (written again here, as the notebook's cell writes it)."""
+    return (1 - a).sqrt() * x_t + a.sqrt() * v, a.sqrt() * x_t - (1 - a).sqrt() * v
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_guidance_gives_one_step_in_eps_v_and_x0_space(seed):
+    """A property on random tensors: x_t, both branches' v, alphas_cumprod in (0, 1), any s
+    (also s < 0 and s > 1): guiding in v, in eps or in x0 gives the same clean latents
+    (the kit's predicted_x0 reads eps and v alike), because the conversions are affine with
+    the same coefficients for both branches and the guidance weights add up to 1."""
+    g = torch.Generator().manual_seed(seed)
+    x_t, v_u, v_c = (torch.randn(2, 4, 8, 8, generator=g) * 3 for _ in range(3))
+    a = torch.rand((), generator=g) * 0.98 + 0.01
+    s = float(torch.empty(()).uniform_(-2, 20, generator=g))
+    (eps_u, x0_u), (eps_c, x0_c) = _eps_x0_from_v(v_u, x_t, a), _eps_x0_from_v(v_c, x_t, a)
+    in_v = sampling.predicted_x0(x_t, sampling.combine(v_u, v_c, s), a, "v_prediction")
+    in_eps = sampling.predicted_x0(x_t, sampling.combine(eps_u, eps_c, s), a, "epsilon")
+    in_x0 = sampling.combine(x0_u, x0_c, s)
+    scale = in_v.abs().max()
+    assert torch.allclose(in_eps, in_v, atol=1e-4 * scale)
+    assert torch.allclose(in_x0, in_v, atol=1e-4 * scale)
+    # a step that is not affine (rescale divides by a std) does depend on the space
+    if abs(s - 1) > 0.5:
+        r_v = sampling.predicted_x0(x_t, rescale_noise_cfg(sampling.combine(v_u, v_c, s), v_c,
+                                                           1.0), a, "v_prediction")
+        r_eps = sampling.predicted_x0(x_t, rescale_noise_cfg(sampling.combine(eps_u, eps_c, s),
+                                                             eps_c, 1.0), a, "epsilon")
+        assert not torch.allclose(r_v, r_eps, atol=1e-3 * scale)
+
+
+def _reference_rescale():
+    namespace = {"torch": torch}  # the solution uses tensors' own methods only
+    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
+    return namespace["my_rescale"]
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
+def test_rescale_moves_the_spread_ratio_to_phi_plus_the_rest(phi):
+    """diffusers' rescale_noise_cfg and the exercise's reference solution: the rescaled
+    prediction is the guided one times one number per image, so std(out) / std(text) becomes
+    phi + (1 - phi) * std(cfg) / std(text); at phi = 1 the guided std equals the text std
+    (the identity), at phi = 0 nothing changes."""
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(3, 4, 8, 8, generator=g) * torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1)
+    cfg = 6 * text - 5 * torch.randn(3, 4, 8, 8, generator=g)
+    r = guidance._spread(cfg) / guidance._spread(text)  # (3,), far above 1
+    for fn in (rescale_noise_cfg, _reference_rescale()):
+        out = fn(cfg, text, phi)
+        ratio = guidance._spread(out) / guidance._spread(text)
+        assert torch.allclose(ratio, phi + (1 - phi) * r, rtol=1e-5)
+        if phi == 1.0:
+            assert torch.allclose(guidance._spread(out), guidance._spread(text), rtol=1e-5)
+        if phi == 0.0:
+            assert torch.equal(out, cfg)
+
+
+@pytest.mark.parametrize("s, phi", [(7.5, 0.7), (3.0, 0.0), (1.0, 0.0)])
+def test_sample_rescaled_is_the_pipelines_loop(pipe, s, phi):
+    """The same images as the pipeline's own call with guidance_rescale, bit for bit (at s = 1
+    both run the conditional branch alone); at phi = 0 and s > 1, the same as sampling.sample."""
+    prompts, seeds = [PROMPT, "a blue square at the top"], [3, 4]
+    run = guidance.sample_rescaled(pipe, prompts, seeds, s, phi, num_inference_steps=3)
+    want = pipe(prompts, num_inference_steps=3, guidance_scale=s, guidance_rescale=phi,
+                generator=make_generators(seeds)).images
+    assert [im.tobytes() for im in run.images] == [im.tobytes() for im in want]
+    assert run.std_ratio.shape == (3, 2) and run.setting == (s, phi)
+    if s == 1.0:
+        assert torch.equal(run.std_ratio, torch.ones(3, 2))  # the conditional prediction
+    if phi == 0.0 and s > 1:
+        plain = sampling.sample(pipe, prompts, seeds, 3, s).images()
+        assert [im.tobytes() for im in run.images] == [im.tobytes() for im in plain]
+
+
+def test_sample_rescaled_at_phi_1_steps_with_the_texts_spread(pipe):
+    run = guidance.sample_rescaled(pipe, PROMPT, [0, 1, 2], 9.0, 1.0, num_inference_steps=3)
+    assert torch.allclose(run.std_ratio, torch.ones(3, 3), atol=1e-5)
+    plain = guidance.sample_rescaled(pipe, PROMPT, [0, 1, 2], 9.0, 0.0, num_inference_steps=3)
+    assert not torch.allclose(plain.std_ratio, torch.ones(3, 3), atol=1e-2)
+    assert [im.tobytes() for im in run.images] != [im.tobytes() for im in plain.images]
+
+
+def test_sweep_runs_each_setting_once_in_order(pipe):
+    runs = guidance.sweep(pipe, [PROMPT] * 2, [5, 6], [4, (8, 0.5)], num_inference_steps=2)
+    assert list(runs) == [(4.0, 0.0), (8.0, 0.5)]
+    alone = guidance.sample_rescaled(pipe, [PROMPT] * 2, [5, 6], 8, 0.5, num_inference_steps=2)
+    assert [im.tobytes() for im in runs[8.0, 0.5].images] == \
+        [im.tobytes() for im in alone.images]
+    with pytest.raises(ValueError, match=r"settings=.* is not allowed: expected each"):
+        guidance.sweep(pipe, PROMPT, [5], [4, (4.0, 0.0)], num_inference_steps=2)
+
+
+def test_diversity_is_zero_for_identical_pictures_and_positive_otherwise():
+    rng = np.random.default_rng(0)
+    a, b = (Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2))
+    assert guidance.diversity([a, a, b, b], ["one", "one", "two", "two"]) == 0.0
+    assert guidance.diversity([a, b], ["one", "one"]) > 0
+    assert guidance.diversity([a, b], "one") == guidance.diversity([b, a], "one")  # symmetric
+    # a prompt with a single picture has no pair: it does not count
+    assert guidance.diversity([a, a, b], ["one", "one", "two"]) == 0.0
+    black, white = (Image.new("RGB", (8, 8), c) for c in ("black", "white"))
+    assert guidance.diversity([black, white], "one") == pytest.approx(1.0)  # the largest
+    with pytest.raises(ValueError, match="two pictures"):
+        guidance.diversity([a, b], ["one", "two"])
+
+
+def test_plot_grid_shows_one_column_per_setting(pipe):
+    runs = guidance.sweep(pipe, [PROMPT] * 2, [5, 6], [1, 6], num_inference_steps=1)
+    fig = guidance.plot_grid(runs, [1, 0])
+    assert len(fig.axes) == 4 and [ax.get_title() for ax in fig.axes[:2]] == ["s = 1", "s = 6"]
+    assert fig.axes[0].get_ylabel().endswith("seed 6")
 
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \
-    "05_guidance_and_widgets.py"
+    "06_guidance_and_widgets.py"
 
 
 def test_rescale_checker_accepts_the_reference_solution(capsys):
-    namespace = {"torch": torch}  # the solution uses tensors' own methods only
-    exec(SOLUTION.read_text(encoding="utf-8"), namespace)
-    assert widgets.check_rescale(namespace["my_rescale"]) is True
+    assert guidance.check_rescale(_reference_rescale()) is True
     assert "Correct" in capsys.readouterr().out
     # the population std (unbiased=False) is as good: the correction cancels in the ratio
     def biased(cfg, text, phi):
@@ -196,11 +307,11 @@ def test_rescale_checker_accepts_the_reference_solution(capsys):
         r = cfg * text.std(dims, keepdim=True, unbiased=False) / cfg.std(
             dims, keepdim=True, unbiased=False)
         return phi * r + (1 - phi) * cfg
-    assert widgets.check_rescale(biased) is True
+    assert guidance.check_rescale(biased) is True
 
 
 def _rescale(kind):
-    """Plausible wrong answers to notebook 05's exercise."""
+    """Plausible wrong answers to notebook 06's exercise."""
     def fn(cfg, text, phi):
         dims = list(range(1, cfg.ndim))
         if kind == "whole-batch":
@@ -230,7 +341,7 @@ def _rescale(kind):
     ("no-blend", "not blended"), ("no-keepdim", "raised"),
     ("mean-not-std", "conditional (text) prediction")])
 def test_rescale_checker_rejects_plausible_mistakes_with_a_hint(capsys, kind, hint):
-    assert widgets.check_rescale(_rescale(kind)) is False
+    assert guidance.check_rescale(_rescale(kind)) is False
     out = capsys.readouterr().out
     assert out.startswith("Not yet") and hint in out, out
 
@@ -240,10 +351,10 @@ def test_rescale_checker_unsolved_and_broken_answers(capsys):
         ...
 
     for answer in (None, unsolved):
-        assert widgets.check_rescale(answer) is False
+        assert guidance.check_rescale(answer) is False
         assert "not solved yet" in capsys.readouterr().out.lower()
     # a wrong answer of any kind: a message and False, never an exception
     for wrong in (42, "cfg * ratio", lambda c, t, p: 1 / 0, lambda c, t, p: 0.0,
                   lambda c, t, p: c[0]):
-        assert widgets.check_rescale(wrong) is False
+        assert guidance.check_rescale(wrong) is False
         assert capsys.readouterr().out.startswith("Not yet")

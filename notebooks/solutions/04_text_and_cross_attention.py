@@ -1,4 +1,4 @@
-# Reference solution for notebooks/03_text_and_cross_attention.ipynb: one head's attention
+# Reference solution for notebooks/04_text_and_cross_attention.ipynb: one head's attention
 # weights softmax(Q K^T / sqrt(d)), (HW, T), for item 0 of the batch, for any attn2 layer.
 def my_head_weights(attn, x, ctx, head):
     d = attn.to_q.out_features // attn.heads  # the size of one head, not the layer's width

@@ -1,4 +1,4 @@
-# Reference solution for notebooks/07_image_to_image.ipynb: the timesteps img2img runs
+# Reference solution for notebooks/08_image_to_image.ipynb: the timesteps img2img runs
 def my_timesteps(num_inference_steps, strength):
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # noqa: F821 (the notebook's pipe)
     scheduler.set_timesteps(num_inference_steps)

@@ -1,4 +1,4 @@
-# Reference solution for notebooks/04_vae_latents.ipynb: each latent channel's r with brightness
+# Reference solution for notebooks/05_vae_latents.ipynb: each latent channel's r with brightness
 import torch
 import torch.nn.functional as F
 

@@ -1,11 +1,11 @@
-# Reference solution for notebooks/09_fine_tuning.ipynb: a rank-4 SD 1.5 LoRA's bytes in float16
+# Reference solution for notebooks/10_fine_tuning.ipynb: a rank-4 SD 1.5 LoRA's bytes in float16
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdkit import generation
+from sdkit.unet import SD15_UNET
 
 with torch.device("meta"):  # SD 1.5's UNet from its config: every shape, no weights, no memory
-    sd15_unet = UNet2DConditionModel(**generation.SD15_UNET)
+    sd15_unet = UNet2DConditionModel(**SD15_UNET)
 r = 4
 numbers = 0
 for name, layer in sd15_unet.named_modules():

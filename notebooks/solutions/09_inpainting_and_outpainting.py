@@ -1,4 +1,4 @@
-# Reference solution for notebooks/08_inpainting_and_outpainting.ipynb: the mask the latents see
+# Reference solution for notebooks/09_inpainting_and_outpainting.ipynb: the mask the latents see
 import numpy as np
 
 

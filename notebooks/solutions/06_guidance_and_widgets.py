@@ -1,4 +1,4 @@
-# Reference solution for notebooks/05_guidance_and_widgets.ipynb: guidance rescale (Lin et al.,
+# Reference solution for notebooks/06_guidance_and_widgets.ipynb: guidance rescale (Lin et al.,
 # 2024, section 3.4), the guided prediction given the conditional one's spread, then blended.
 def my_rescale(noise_cfg, noise_pred_text, guidance_rescale):
     dims = list(range(1, noise_cfg.ndim))  # every dim but the batch: one std per image

@@ -1,4 +1,4 @@
-# Reference solution for notebooks/06_full_generation.ipynb: SD 1.5's weights in float16, in MiB
+# Reference solution for notebooks/07_full_generation.ipynb: SD 1.5's weights in float16, in MiB
 from sdkit import generation
 
 sd15 = generation.sd15_parameter_counts()  # weights per part, from SD 1.5's configs (meta device)
