@@ -50,7 +50,7 @@ NOTEBOOK_MODULES = {
     1: ("noising",),
     2: ("sampling", "sampling_views", "samplers"),
     3: ("unet", "unet_views"),
-    4: ("attention",),
+    4: ("attention", "clip"),
     5: ("latents",),
     6: ("guidance", "widgets"),
     7: ("generation", "bench"),
@@ -58,7 +58,7 @@ NOTEBOOK_MODULES = {
     9: ("inpainting",),
     10: ("finetune", "textual_inversion", "lora", "hypernetwork"),
     11: ("variations", "unclip"),
-    12: ("training", "evaluation"),
+    12: ("checkpoints", "training", "evaluation"),
 }
 
 __all__ = [

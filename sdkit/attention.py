@@ -338,14 +338,19 @@ def pointing_rate(pipe, prompts, seeds, num_inference_steps: int | None = None,
     """The model card's attention figure: of the objects the checker finds in the images of
     ``prompts`` (one seed each), the share whose colour-and-shape words' map (averaged over
     heads, layers and steps) peaks inside the object's blob (``collect_pointing``). Returns
-    ``{"attention_pointing": share (0.0 if none found), "attention_objects": how many}``.
+    ``attention_pointing`` (0.0 if none found) and ``attention_objects`` (how many), and the
+    same for one- and two-object prompts apart (``attention_pointing_one``, ``..._two``).
 
     Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
-    found = [o["hit"] for r in collect_pointing(pipe, prompts, seeds, num_inference_steps,
-                                                guidance_scale) for o in r["objects"]]
-    return {"attention_pointing": sum(found) / max(len(found), 1),
-            "attention_objects": len(found)}
+    out: dict = {}
+    found = {1: [], 2: []}
+    for r in collect_pointing(pipe, prompts, seeds, num_inference_steps, guidance_scale):
+        found[len(shapes.parse_caption(r["prompt"]))] += [o["hit"] for o in r["objects"]]
+    for key, hits in (("", found[1] + found[2]), ("_one", found[1]), ("_two", found[2])):
+        out[f"attention_pointing{key}"] = sum(hits) / max(len(hits), 1)
+        out[f"attention_objects{key}"] = len(hits)
+    return out
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from transformers import CLIPModel
 
-from . import attention, checks, device, shapes
+from . import attention, checks, clip, device, shapes
 from .pipeline import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -113,6 +114,21 @@ def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=p
     sub = pick(n_attention)
     figs.update(attention.pointing_rate(pipe, [prompts[i] for i in sub],
                                         [seeds[i] for i in sub]))
+    # what a user of the stock pipeline gets first: 50 steps, guidance 7.5
+    two = [i for i, p in enumerate(prompts) if " and " in p]
+    ims = generate_images(pipe, [prompts[i] for i in two], [seeds[i] for i in two],
+                          num_inference_steps=50, guidance_scale=7.5, batch_size=BATCH,
+                          output="uint8", desc="stock defaults")
+    figs["stock_defaults_two_shape_all_attributes"] = float(np.mean(
+        shapes.hits(ims, [prompts[i] for i in two], criterion="all_attributes")))
+    clip_dir = folder.parent / "toy-clip"
+    if (clip_dir / "config.json").is_file():  # the CLIP score, as real SD evaluations report
+        toy_clip = CLIPModel.from_pretrained(clip_dir, use_safetensors=True).eval()
+        drawn = [shapes.render(shapes.parse_caption(p), s).image for p, s in zip(prompts, seeds)]
+        figs.update({f"clip_score_{k}": clip.clip_score(toy_clip, pipe.tokenizer, ims_k, prompts)
+                     for k, ims_k in (("generated", images), ("unconditional", unc),
+                                      ("drawn", drawn))})
+        figs.update({f"clip_{k}": v for k, v in clip.retrieval(toy_clip, pipe.tokenizer).items()})
     figs["seconds_per_image"] = _seconds_per_image(pipe)
     figs["eval_minutes"] = round((time.time() - t0) / 60, 1)
     for key, v in figs.items():
@@ -132,10 +148,35 @@ def _training_text(tr: dict) -> str:
             f"VAE decoder (encoder frozen): {r.get('decoder_steps', 0)} steps on 64x64 pictures "
             f"of every colour and shape, purple and star included"
             f"{' (' + str(tr['decoder_minutes']) + ' min)' if 'decoder_minutes' in tr else ''}. "
-            f"UNet and text encoder: {r['unet_steps']} steps, batch {r['unet_batch']}, AdamW 1e-3 "
+            + (f"Toy CLIP: {r['clip_steps']} contrastive steps (notebook 04); UNet on its frozen "
+               f"text tower, {r.get('unnamed', 0):.0%} of pictures of every colour and shape "
+               f"(purple or star captioned with the empty prompt): " if "clip_steps" in r
+               else "UNet and text encoder: ")
+            + f"{r['unet_steps']} steps, batch {r['unet_batch']}, AdamW 1e-3 "
             f"with cosine decay, v-prediction loss, 10% empty captions for classifier-free "
             f"guidance, EMA 0.999. Wall time: {tr.get('train_minutes_this_run', '?')} min on "
-            f"{tr.get('machine', 'a 2-core CPU')} ({tr.get('torch_threads', '?')} torch threads).")
+            f"{tr.get('machine', 'a 2-core CPU')} ({tr.get('torch_threads', '?')} torch threads)"
+            f"{'; per stage (min): ' + str(tr['stage_minutes']) if 'stage_minutes' in tr else ''}.")
+
+
+_CLIP_ROWS = (  # the model card's rows for the toy CLIP and the CLIP score, when measured
+    ("clip_image_to_caption_top1", "toy CLIP, zero-shot on 400 new scenes: a picture's caption "
+     "ranked first of the grammar's 588", ".1%"),
+    ("clip_image_to_caption_heldout_captions", "... on scenes whose caption training never saw",
+     ".1%"),
+    ("clip_caption_to_image_top1", "toy CLIP: a caption's picture ranked first of the 400", ".1%"),
+    ("clip_attribute_colour", "toy CLIP: true caption over one with a colour changed", ".1%"),
+    ("clip_attribute_shape", "toy CLIP: ... with a shape changed", ".1%"),
+    ("clip_attribute_position", "toy CLIP: ... with the positions swapped", ".1%"),
+    ("clip_attribute_binding", "toy CLIP: ... with the two colours exchanged", ".1%"),
+    ("clip_score_generated", "CLIP score (100 x cosine) of the generated pictures", ".1f"),
+    ("clip_score_drawn", "... of pictures drawn from the same prompts (the ceiling)", ".1f"),
+    ("clip_score_unconditional", "... of the unconditional model's pictures (the floor)", ".1f"),
+    ("stock_defaults_two_shape_all_attributes", "two-shape prompts all right at the stock "
+     "pipeline's defaults (50 steps, guidance 7.5)", ".1%"),
+    ("attention_pointing_one", "attention pointing, one-object prompts", ".1%"),
+    ("attention_pointing_two", "attention pointing, two-object prompts", ".1%"),
+)
 
 
 def _write_model_card(folder, figs: dict) -> Path:
@@ -154,6 +195,8 @@ def _write_model_card(folder, figs: dict) -> Path:
     values.update({f"guidance_{g}".replace(".", "_"): figs[f"guidance_{g}"]["all_attributes"]
                    for g in GUIDANCE_SWEEP})
     values.setdefault("seconds_per_image_note", "")
+    values["clip_rows"] = "".join(f"| {label} | {figs[k]:{fmt}} |\n" for k, label, fmt in _CLIP_ROWS
+                                  if k in figs)
     values.update(
         default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, max_length=MAX_LENGTH,
         scaling_factor=figs.get("scaling_factor", tr.get("scaling_factor", "see vae/config.json")),

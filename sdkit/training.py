@@ -1,26 +1,27 @@
 """The recipe that trains the kit's own small Stable Diffusion from scratch (notebook 12).
 
     python -m sdkit.training train             # ~1 hour on 2 CPU cores, resumable: data/toy-sd
-    python -m sdkit.training finetune-decoder  # the last stage alone, on a saved model (3 min)
+    python -m sdkit.training train --text-encoder clip --vae-from data/toy-sd --out runs/clip-sd
+    python -m sdkit.training finetune-decoder  # the VAE-decoder stage alone, on a saved model
 
 The stock classes of a real SD, only smaller (``CLIPTokenizer`` with vocab.json and merges.txt
-written here for the shapes world's words, ``CLIPTextModel``, ``AutoencoderKL``, a
-``UNet2DConditionModel``), saved as a folder stock diffusers loads without sdkit. Unlike SD 1.5
-(notebook 12 shows why): a zero-terminal-SNR schedule with v-prediction, and a text encoder
-trained with the UNet (no pretrained CLIP exists for the shapes world). The exam of the model
-is ``sdkit.evaluation``. Left out: safety checker, LAION-scale data, mixed precision, multi-GPU.
+written for the shapes world's words by ``clip.write_tokenizer``, ``CLIPTextModel``,
+``AutoencoderKL``, a ``UNet2DConditionModel``), saved as a folder stock diffusers loads without
+sdkit. The shipped text encoder trained with the UNet; ``--text-encoder clip`` reads the toy
+CLIP's text tower frozen instead, as SD 1.x read CLIP ViT-L's (``sdkit.clip``, notebook 04).
+Unlike SD 1.5 (notebook 12 shows why): a zero-SNR schedule, v-prediction. Exam:
+``sdkit.evaluation``. Left out: LAION-scale data, mixed precision, multi-GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
 import json
 import math
-import os
-import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,65 +30,20 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTextModel
 
-from . import checks, device, finetune, shapes
+from . import checks, clip, device, finetune, shapes
+from .checkpoints import load_checkpoint as _load_ckpt
+from .checkpoints import save_checkpoint as _save_ckpt
 from .images import decode, encode, psnr, to_tensor
 from .pipeline import MAX_LENGTH, TOY_DIR, dpm_solver
 
 RECIPE = dict(n_images=60_000, vae_steps=2500, unet_steps=3000, unet_batch=64, decoder_steps=300)
 QUICK = dict(n_images=4_000, vae_steps=300, unet_steps=300, unet_batch=32, decoder_steps=20)
+# --text-encoder clip: the toy CLIP (notebook 04) trained first and read frozen; not shipped
+CLIP_RECIPE = dict(RECIPE, unnamed=0.08, clip_steps=1200, unet_steps=2500)
 HELDOUT_SEED = 10_000_000  # the held-out pictures of the VAE's PSNR start at this seed
-
-# ------------------------------------------------------------------------------ tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's map from bytes to printable characters (the byte-level BPE alphabet)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in bs]  # mapped past 255, in order
-    return dict(zip(bs + rest, map(chr, bs + [256 + i for i in range(len(rest))])))
-
-
-def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Byte-pair encoding, learned until every word is a single token (CLIP's </w> marks ends)."""
-    seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
-    merges = []
-    while any(len(s) > 1 for s in seqs.values()):
-        counts = Counter(pair for s in seqs.values() for pair in zip(s, s[1:]))
-        best = max(sorted(counts), key=counts.get)  # sorted: ties broken the same way every time
-        merges.append(best)
-        # merge every (a, b) neighbour pair, left to right, never overlapping (words are letters)
-        pair = re.compile(rf"(?<!\S){re.escape(best[0])} {re.escape(best[1])}(?!\S)")
-        seqs = {w: pair.sub(a + b, " ".join(s)).split() for w, s in seqs.items() for a, b in [best]}
-    return merges
-
-
-def write_tokenizer(folder) -> CLIPTokenizer:
-    """Write a real CLIP tokenizer (vocab.json, merges.txt) whose vocabulary is CLIP's 512
-    byte symbols plus one merge chain per word of the shapes world; returns it loaded.
-
-    Introduced in notebooks/12_training_from_scratch.ipynb.
-    """
-    folder = checks.check_folder("folder", folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab_list = chars + [c + "</w>" for c in chars]
-    merges = _learn_merges(shapes.world_words())
-    vocab_list += [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                        model_max_length=MAX_LENGTH)
-    split = [w for w in shapes.world_words() if len(tok(w, add_special_tokens=False).input_ids) > 1]
-    if split:  # the merges are learnt until no word is split: a bug, not a bad input
-        raise RuntimeError(f"words that are not a single token: {split}")
-    tok.save_pretrained(folder)
-    return tok
-
+CONTENT = set(shapes.TRAIN_COLOURS + shapes.TRAIN_SHAPES)  # the words an object's map is made of
 
 # ------------------------------------------------------------------------------ the models
 
@@ -105,19 +61,18 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_text_encoder(tokenizer) -> CLIPTextModel:
-    """The text encoder, untrained: a 3-layer ``CLIPTextModel`` of width 128 for ``tokenizer``.
+def make_text_encoder(tokenizer, clip_model=None) -> CLIPTextModel:
+    """The text encoder: a ``CLIPTextModel`` of ``clip.text_config(tokenizer)``, untrained, or
+    the text tower of a trained toy CLIP (``clip_model``), as SD takes CLIP ViT-L's.
 
     Introduced in notebooks/12_training_from_scratch.ipynb.
     """
-    if not all(hasattr(tokenizer, a) for a in ("bos_token_id", "eos_token_id", "__len__")):
-        checks.fail("tokenizer", type(tokenizer).__name__, "expected a CLIPTokenizer")
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
-        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=128,
-    ))
+    te = CLIPTextModel(clip.text_config(tokenizer))
+    if clip_model is not None:
+        if not isinstance(clip_model, CLIPModel):
+            checks.fail("clip_model", type(clip_model).__name__, "expected a CLIPModel or None")
+        te.load_state_dict(clip_model.text_model.state_dict())
+    return te.eval()
 
 
 def make_unet(block_out_channels=(32, 64, 128)) -> UNet2DConditionModel:
@@ -166,53 +121,30 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Stable
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-# ------------------------------------------------------------------------------ checkpoints
-# Resumable checkpoints are safetensors too (weights and optimizer moments); nothing is pickled.
-
-
-def _save_ckpt(path: Path, modules: dict, opt, step: int):
-    tensors, meta = {}, {"step": step}
-    for name, m in modules.items():
-        for k, v in m.state_dict().items():
-            tensors[f"{name}/{k}"] = v.detach().contiguous()
-    sd = opt.state_dict()
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt/{i}/{k}"] = torch.as_tensor(v).detach().contiguous()
-    meta["param_groups"] = sd["param_groups"]
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def _load_ckpt(path: Path, modules: dict, opt) -> dict:
-    tensors, meta = finetune._read(path, "a checkpoint written by sdkit.training")
-    meta = json.loads(meta["meta"])
-    for name, m in modules.items():
-        pre = f"{name}/"
-        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, i, key = k.split("/", 2)
-            state.setdefault(int(i), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
-
-
 # ------------------------------------------------------------------------------ data
 
 
-def training_data(n: int, seed: int = 0):
+def training_data(n: int, seed: int = 0, unnamed: float = 0.0):
     """``n`` training examples (uint8 (n, 64, 64, 3), captions) from seeds ``seed...``,
-    skipping the held-out captions (``shapes.heldout_captions``).
+    skipping the held-out captions (``shapes.heldout_captions``). An ``unnamed`` share of the
+    seeds draws from every colour and shape; a scene with purple or a star (words no caption
+    has) gets the empty caption, as LAION shows SD far more than its captions name.
 
     Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     n, seed = checks.check_int("n", n, 1, shapes.MAX_DATASET), checks.check_seed(seed)
+    unnamed = checks.check_float("unnamed", unnamed, 0.0, 0.5)
     device.check_memory("n", n, 2 * n * 3 * shapes.SIZE**2, f"{n:,} pictures (uint8)", "cpu")
-    held = shapes.heldout_captions()
-    drawn = (shapes.make_example(s) for s in itertools.count(seed))
+    held, train = shapes.heldout_captions(), set(shapes.TRAIN_COLOURS + shapes.TRAIN_SHAPES)
+
+    def draw(s):
+        if np.random.default_rng([s, 2]).random() >= unnamed:
+            return shapes.make_example(s)
+        e = shapes.make_example(s, colours=tuple(shapes.COLOURS), shapes=shapes.SHAPES)
+        new = any(o.colour not in train or o.shape not in train for o in e.objects)
+        return dataclasses.replace(e, caption="") if new else e
+
+    drawn = (draw(s) for s in itertools.count(seed))
     kept = itertools.islice((e for e in drawn if e.caption not in held), n)
     kept = list(tqdm(kept, total=n, desc="drawing shapes", leave=False))
     return np.stack([e.image for e in kept]), [e.caption for e in kept]
@@ -329,40 +261,59 @@ def _train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: f
     return vae.requires_grad_(False).eval()
 
 
-def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], tokenizer, steps: int,
-                batch: int = 64, lr: float = 1e-3, p_uncond: float = 0.1, ema_decay: float = 0.999,
-                seed: int = 0, log=print, on_checkpoint=None):
-    """Train the UNet and the text encoder together on the v-prediction objective (latents
-    already scaled to unit variance); a ``p_uncond`` share of captions is the empty prompt."""
+def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], tokenizer,
+                text_encoder, steps: int, batch: int = 64, lr: float = 1e-3,
+                p_uncond: float = 0.1, frozen: bool = False, p_words: float = 0.5,
+                ema_decay: float = 0.999, seed: int = 0, log=print, on_checkpoint=None):
+    """Train the UNet on the v-prediction objective (latents already scaled to unit variance);
+    a ``p_uncond`` share of captions is the empty prompt. The shipped recipe trains
+    ``text_encoder`` with the UNet. ``frozen`` (``--text-encoder clip``) reads a CLIP's text
+    tower frozen instead, as SD 1.x read CLIP ViT-L's; then, in a ``p_words`` share, the states
+    from the end token on (CLIP's summary of the caption), or all but the colour and shape
+    words', are the empty prompt's, so that the UNet must read the words themselves."""
     torch.manual_seed(seed)
-    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
-    scheduler = make_scheduler()
-    ema_unet, ema_text = make_unet(), make_text_encoder(tokenizer)
+    unet, ema_unet, scheduler = make_unet(), make_unet(), make_scheduler()
     ema_unet.load_state_dict(unet.state_dict())
-    ema_text.load_state_dict(text_encoder.state_dict())
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    text_encoder.requires_grad_(not frozen)
+    params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ckpt = workdir / "unet.ckpt.safetensors"
-    mods = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    ckpt, mods = workdir / "unet.ckpt.safetensors", {"unet": unet, "ema_unet": ema_unet}
+    if not frozen:
+        mods.update(text_encoder=text_encoder, ema_text=ema_text)
     start = _load_ckpt(ckpt, mods, opt)["step"] if ckpt.exists() else 0
-    ids_all = tokenize(tokenizer, captions)  # (N, 20)
-    empty = tokenize(tokenizer, [""])[0]
+    distinct = sorted(set(captions) | {""})
+    row = {c: i for i, c in enumerate(distinct)}
+    ids = tokenize(tokenizer, distinct)  # (C, 20)
+    with torch.no_grad():  # a frozen encoder: each distinct caption is encoded once
+        states = torch.cat([text_encoder(ids[i:i + 512])[0] for i in range(0, len(ids), 512)])
+    rows_all, empty = torch.tensor([row[c] for c in captions]), row[""]  # (N,), an int
+    after = torch.arange(ids.shape[1]) >= (ids == tokenizer.eos_token_id).int().argmax(1)[:, None]
+    kept = [[tokenizer.convert_ids_to_tokens(i)[:-4] in CONTENT for i in r] for r in ids.tolist()]
+    blank = lambda m: torch.where(m[..., None], states[empty], states)  # noqa: E731
+    words_only, content_only = blank(after), blank(~torch.tensor(kept))  # (C, 20, 128) each
     gen = torch.Generator().manual_seed(seed + start)
     ema_pairs = list(zip(itertools.chain(ema_unet.parameters(), ema_text.parameters()), params))
     t0, losses = time.time(), []
-    bar = tqdm(range(start, steps), desc="UNet + text encoder", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc="UNet" if frozen else "UNet + text encoder",
+               initial=start, total=steps)
     for step in bar:
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         x0 = latents[idx]  # (B, 4, 16, 16)
-        ids = ids_all[idx].clone()
-        ids[torch.rand(batch, generator=gen) < p_uncond] = empty  # learn the unconditional too
+        rows = rows_all[idx].clone()
+        rows[torch.rand(batch, generator=gen) < p_uncond] = empty  # learn the unconditional too
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         x_t = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
-        cond = text_encoder(ids)[0]  # (B, 20, 128)
+        if frozen:
+            u = torch.rand(batch, generator=gen)[:, None, None]
+            cond = torch.where(u < p_words / 2, content_only[rows],
+                               torch.where(u < p_words, words_only[rows], states[rows]))
+        else:
+            cond = text_encoder(ids[rows])[0]  # (B, 20, 128), trained with the UNet
         loss = F.mse_loss(unet(x_t, t, cond).sample, target)
         finetune._finite(loss, "steps", steps, f"a finite UNet loss; at step {step + 1} it")
         opt.zero_grad(set_to_none=True)
@@ -383,9 +334,9 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
                 f.writelines(f"{first + i},{v:.6f}\n" for i, v in enumerate(losses))
             losses = []
             if on_checkpoint is not None:
-                on_checkpoint(step + 1, ema_unet, ema_text)
+                on_checkpoint(step + 1, ema_unet, text_encoder if frozen else ema_text)
     log(f"UNet: {steps - start} steps in {time.time() - t0:.0f} s")
-    return ema_unet.eval(), ema_text.eval()
+    return ema_unet.eval(), (text_encoder if frozen else ema_text).eval()
 
 
 def _loss_curve(workdir, points: int = 100) -> list[tuple[int, float]]:
@@ -400,47 +351,76 @@ def _loss_curve(workdir, points: int = 100) -> list[tuple[int, float]]:
 
 
 def _train(out=TOY_DIR, workdir="runs/toy", quick: bool = False, snapshot_every: int = 0,
-          log=print) -> StableDiffusionPipeline:
-    """The whole recipe (``python -m sdkit.training train``): draw data, train the VAE, encode
-    latents, train UNet + text encoder, fine-tune the VAE decoder, save the pipeline to
-    ``out``; resumes from the checkpoints in ``workdir``."""
+           vae_from=None, text_encoder: str = "joint", log=print) -> StableDiffusionPipeline:
+    """The whole recipe (``python -m sdkit.training train``): draw data, train the VAE (or take
+    ``vae_from``'s, a pipeline folder), encode latents, train the UNet and the text encoder
+    together (``"joint"``, the shipped model) or train the toy CLIP first and the UNet on its
+    frozen text tower (``"clip"``; the CLIP is saved beside ``out`` as ``toy-clip``), fine-tune
+    the VAE decoder, save the pipeline to ``out``; resumes from the checkpoints in ``workdir``."""
     out, workdir = checks.check_folder("out", out), checks.check_folder("workdir", workdir)
     quick, snapshot_every = checks.check_bool("quick", quick), checks.check_int(
         "snapshot_every", snapshot_every, 0, 1_000_000)
-    r = QUICK if quick else RECIPE
+    frozen = checks.check_choice("text_encoder", text_encoder, ("joint", "clip")) == "clip"
+    r = dict(QUICK, unnamed=0.08, clip_steps=50) if quick and frozen else (
+        QUICK if quick else CLIP_RECIPE if frozen else RECIPE)
     workdir.mkdir(parents=True, exist_ok=True)
-    t_all = time.time()
-    tokenizer = write_tokenizer(workdir / "tokenizer")
-    images, captions = training_data(r["n_images"], seed=0)
-    vae = _train_vae(workdir, images, r["vae_steps"], log=log)
-    log(f"VAE held-out PSNR: {heldout_psnr(vae):.2f} dB")
-    cache = workdir / f"latents-{r['n_images']}-{r['vae_steps']}.safetensors"
-    if cache.exists():
-        latents = load_file(str(cache))["latents"]
-    else:
+    t_all, stages = time.time(), {}
+
+    def stage(name, t0):  # each stage's wall time, for the card
+        stages[name] = round((time.time() - t0) / 60, 1)
+        return time.time()
+
+    tokenizer = clip.write_tokenizer(workdir / "tokenizer")
+    images, captions = training_data(r["n_images"], seed=0, unnamed=r.get("unnamed", 0.0))
+    t = stage("data", t_all)
+    if vae_from is None:
+        vae = _train_vae(workdir, images, r["vae_steps"], log=log)
         vae.register_to_config(scaling_factor=1.0)  # the posterior means as they come
-        latents = encode_latents(vae, images)
-        save_file({"latents": latents.contiguous()}, str(cache))
-    scaling_factor = float(1 / latents.std())
-    vae.register_to_config(scaling_factor=scaling_factor)
-    log(f"latent std {latents.std():.4f} -> scaling_factor {scaling_factor:.5f}")
-    latents = latents * scaling_factor
+    else:
+        vae = AutoencoderKL.from_pretrained(checks.check_folder("vae_from", vae_from) / "vae",
+                                            use_safetensors=True, local_files_only=True)
+    made = "reused" if vae_from else r["vae_steps"]  # the latents' VAE
+    cache = workdir / f"latents-{r['n_images']}-{made}.safetensors"
+    latents = load_file(str(cache))["latents"] if cache.exists() else encode_latents(vae, images)
+    save_file({"latents": latents.contiguous()}, str(cache))
+    if vae_from is None:
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
+        latents = latents / latents.std()
+    log(f"latent std {latents.std():.4f}; scaling_factor {vae.config.scaling_factor:.5f}")
+    t = stage("vae" if vae_from is None else "latents (VAE reused)", t)
+    toy_clip = None
+    if frozen and (workdir / "clip" / "config.json").is_file():
+        toy_clip = CLIPModel.from_pretrained(workdir / "clip", use_safetensors=True).eval()
+    elif frozen:
+        toy_clip = clip.train_clip(tokenizer, steps=r["clip_steps"], log=log)
+        toy_clip.save_pretrained(workdir / "clip")
+    torch.manual_seed(0)
+    text_encoder = make_text_encoder(tokenizer, toy_clip)
+    t = stage("clip", t) if frozen else t
 
     def snapshot(step, unet, text_encoder):
         if snapshot_every and step % snapshot_every == 0:
             build_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(out)
             log(f"snapshot at step {step} -> {out}")
 
-    unet, text_encoder = _train_unet(workdir, latents, captions, tokenizer, r["unet_steps"],
-                                     batch=r["unet_batch"], log=log, on_checkpoint=snapshot)
-    vae = _train_decoder(vae, r["decoder_steps"], log=log)  # the encoder, and so the latents, stay
+    unet, text_encoder = _train_unet(workdir, latents, captions, tokenizer, text_encoder,
+                                     r["unet_steps"], batch=r["unet_batch"], frozen=frozen,
+                                     log=log, on_checkpoint=snapshot)
+    t = stage("unet", t)
+    if vae_from is None:  # the encoder, and so the latents, stay
+        vae = _train_decoder(vae, r["decoder_steps"], log=log)
+        t = stage("vae_decoder", t)
     vae_psnr = heldout_psnr(vae)
-    log(f"VAE held-out PSNR after the decoder stage: {vae_psnr:.2f} dB")
+    log(f"VAE held-out PSNR: {vae_psnr:.2f} dB")
     pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
     pipe.save_pretrained(out)
+    if frozen:
+        toy_clip.save_pretrained(out.parent / "toy-clip")
+        tokenizer.save_pretrained(out.parent / "toy-clip")
     minutes = (time.time() - t_all) / 60
-    info = {"recipe": r, "train_minutes_this_run": round(minutes, 1),
-            "vae_psnr_db": round(vae_psnr, 2), "scaling_factor": scaling_factor,
+    info = {"recipe": r, "train_minutes_this_run": round(minutes, 1), "stage_minutes": stages,
+            "vae_from": None if vae_from is None else Path(vae_from).name,
+            "vae_psnr_db": round(vae_psnr, 2), "scaling_factor": vae.config.scaling_factor,
             "torch_threads": torch.get_num_threads(), "loss_curve": _loss_curve(workdir)}
     (workdir / "train_info.json").write_text(json.dumps(info, indent=1))
     (out / "training.json").write_text(json.dumps(info, indent=1))
@@ -486,12 +466,16 @@ def _main(argv=None):
     t.add_argument("--workdir", default="runs/toy")
     t.add_argument("--quick", action="store_true", help="a few minutes, for a smoke test")
     t.add_argument("--snapshot-every", type=int, default=0)
+    t.add_argument("--vae-from", default=None, help="reuse this pipeline folder's VAE")
+    t.add_argument("--text-encoder", default="joint", choices=("joint", "clip"),
+                   help="joint: trained with the UNet (shipped); clip: the toy CLIP's, frozen")
     d = sub.add_parser("finetune-decoder", help="only the recipe's last stage, on a saved model: "
                                                 "the VAE decoder learns every colour and shape")
     d.add_argument("--model", default=str(TOY_DIR))
     args = p.parse_args(argv)
     if args.cmd == "train":
-        _train(args.out, args.workdir, quick=args.quick, snapshot_every=args.snapshot_every)
+        _train(args.out, args.workdir, quick=args.quick, snapshot_every=args.snapshot_every,
+               vae_from=args.vae_from, text_encoder=args.text_encoder)
     else:
         _finetune_decoder(args.model)
 

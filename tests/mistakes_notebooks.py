@@ -528,7 +528,7 @@ MISTAKES = [
         _model_folder(c), n_prompts=10_000, write_card=False), _memory("n_prompts", "10000"),
       needs_pipe=True, env={LIMIT: "64MiB"}),
     # ---------------------------------------------------------------- silent: refused or said
-    M("silent", "train-lora-lr-10-diverges", lambda c: _lora(c, lr=10.0, steps=5),
+    M("silent", "train-lora-lr-10-diverges", lambda c: _lora(c, lr=10.0, steps=30),
       _refused("lr", "10.0", "expected a smaller learning rate"), needs_pipe=True),
     M("silent", "hypernetwork-loss-diverges", _diverging(_hyper), Behaves(_check_diverged),
       needs_pipe=True),

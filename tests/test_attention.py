@@ -264,7 +264,9 @@ def test_pointing_rate_of_the_toy_model(toy_pipe):
     seeds: every object found is hit (notebook 04 measures one- and two-object prompts)."""
     prompts, seeds = shapes.eval_prompts(240)[:3], [10_000, 10_001, 10_002]
     figs = pointing_rate(toy_pipe, prompts, seeds)
-    assert figs == {"attention_pointing": 1.0, "attention_objects": 3}
+    assert figs == {"attention_pointing": 1.0, "attention_objects": 3,
+                    "attention_pointing_one": 1.0, "attention_objects_one": 3,
+                    "attention_pointing_two": 0.0, "attention_objects_two": 0}
 
 
 SOLUTION = Path(__file__).resolve().parent.parent / "notebooks" / "solutions" / \

@@ -47,7 +47,9 @@ import sdkit
 from sdkit import (
     attention,
     bench,
+    checkpoints,
     checks,
+    clip,
     evaluation,
     finetune,
     hypernetwork,
@@ -729,7 +731,31 @@ CASES = [
          Refused("block_out_channels", "(30,)", "multiples of 16 in [16, 1024]")),
     Case("training-data-none", lambda c: training.training_data(0),
          Refused("n", "0", "[1, 200000]")),
-    Case("write-tokenizer-not-a-path", lambda c: training.write_tokenizer(42),
+    Case("training-data-unnamed-0.9", lambda c: training.training_data(10, unnamed=0.9),
+         Refused("unnamed", "0.9", "[0.0, 0.5]")),
+    Case("make-text-encoder-clip-not-a-model", lambda c: training.make_text_encoder(
+        c.pipe.tokenizer, clip_model=42),
+         Refused("clip_model", "'int'", "expected a CLIPModel or None"), needs_pipe=True),
+    Case("save-checkpoint-no-modules", lambda c: checkpoints.save_checkpoint(
+        c.tmp / "x.safetensors", {}, None, 1),
+         Refused("modules", "{}", "a non-empty dict of name -> torch module")),
+    # ---- the toy CLIP (notebook 04)
+    Case("make-clip-not-a-tokenizer", lambda c: clip.make_clip(42),
+         Refused("tokenizer", "'int'", "expected a CLIPTokenizer")),
+    Case("train-clip-fewer-pictures-than-a-batch", lambda c: clip.train_clip(
+        c.pipe.tokenizer, batch=8, n_images=4),
+         Refused("n_images", "4", "[8, 200000]"), needs_pipe=True),
+    Case("embed-images-32px", lambda c: clip.embed_images(
+        clip.make_clip(c.pipe.tokenizer), np.zeros((2, 32, 32, 3), np.uint8)),
+         Refused("images", "(2, 3, 32, 32)", "expected pictures (N, 3, 64, 64)"), needs_pipe=True),
+    Case("clip-score-one-caption-too-many", lambda c: clip.clip_score(
+        clip.make_clip(c.pipe.tokenizer), c.pipe.tokenizer, rgb()[None].repeat(2, 0),
+        [PROMPT] * 3),
+         Refused("captions", "3 captions", "expected one per image (2)"), needs_pipe=True),
+    Case("retrieval-four-scenes", lambda c: clip.retrieval(
+        clip.make_clip(c.pipe.tokenizer), c.pipe.tokenizer, n=4),
+         Refused("n", "4", "[8, 5000]"), needs_pipe=True),
+    Case("write-tokenizer-not-a-path", lambda c: clip.write_tokenizer(42),
          Refused("folder", "42", "a folder path (str or pathlib.Path)")),
     Case("tokenize-no-captions", lambda c: training.tokenize(c.pipe.tokenizer, []),
          Refused("captions", "[]", "a non-empty list"), needs_pipe=True),

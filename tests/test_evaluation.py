@@ -37,6 +37,12 @@ def test_small_evaluation_meets_the_bars():
     assert figs["uncond_one_shape_all_attributes"] <= 0.35
     assert figs["guidance_3"]["all_attributes"] > figs["guidance_0"]["all_attributes"] + 0.3
     assert figs["attention_pointing"] >= 0.6
+    n_one, n_two = figs["attention_objects_one"], figs["attention_objects_two"]
+    assert n_one + n_two == figs["attention_objects"]
+    # the CLIP score ranks: drawn pictures >= generated ones > the unconditional model's
+    assert figs["clip_score_drawn"] + 2 >= figs["clip_score_generated"]
+    assert figs["clip_score_generated"] > figs["clip_score_unconditional"] + 5
+    assert figs["stock_defaults_two_shape_all_attributes"] >= 0.5
 
 
 @needs_model

@@ -21,6 +21,7 @@ FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?(%|dB)")
 NOT_ABOUT_THE_MODEL: dict[tuple[str, str], str] = {
     ("01", "6.8%"): "sqrt(alphabar_999) of SD's scaled_linear schedule, arithmetic on its betas",
     ("02", "25%"): "the resolution of a share of four prompts (1/4), arithmetic",
+    ("04", "50%"): "chance for a choice between two captions, arithmetic",
     ("05", "20dB"): "what a PSNR means to the eye, not a measurement",
     ("05", "30dB"): "what a PSNR means to the eye, not a measurement",
     ("10", "10%"): "a training setting (the empty-prompt share p_uncond), not a measured figure",

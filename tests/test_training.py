@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 
-from sdkit import evaluation, pipeline, shapes, training
+from sdkit import clip, evaluation, pipeline, shapes, training
 
 TOY = pipeline.TOY_DIR
 needs_model = pytest.mark.skipif(
@@ -26,7 +26,7 @@ def _quiet(*_):
 
 
 def test_tokenizer_makes_each_world_word_one_token(tmp_path):
-    tok = training.write_tokenizer(tmp_path / "a")
+    tok = clip.write_tokenizer(tmp_path / "a")
     for w in shapes.world_words():
         assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
     # words outside the world fall apart into byte-level pieces, as in real CLIP
@@ -34,7 +34,7 @@ def test_tokenizer_makes_each_world_word_one_token(tmp_path):
     ids = tok("a red circle on the left").input_ids
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 8
     # the recipe is deterministic: the same files every time
-    training.write_tokenizer(tmp_path / "b")
+    clip.write_tokenizer(tmp_path / "b")
     for f in ("vocab.json", "merges.txt"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
@@ -43,7 +43,7 @@ def test_tokenizer_makes_each_world_word_one_token(tmp_path):
 def test_tokenizer_writer_rebuilds_the_shipped_tokenizer(tmp_path):
     """Vocabulary, merges, special tokens and pre-/post-processing all equal the shipped
     tokenizer's; only the padding/truncation state a pipeline call leaves behind may differ."""
-    training.write_tokenizer(tmp_path)
+    clip.write_tokenizer(tmp_path)
 
     def read(folder):
         spec = json.loads((folder / "tokenizer.json").read_text())
