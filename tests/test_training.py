@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
+from transformers import CLIPModel
 
 from sdkit import clip, evaluation, pipeline, shapes, training
 
@@ -224,3 +225,24 @@ def test_eps_from_v_checker_unsolved(capsys):
 
     assert evaluation.check_eps_from_v(eps_from_v) is False
     assert "not solved yet" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_unet_stage_trains_or_freezes_the_text_encoder_and_resumes(tmp_path, frozen, toy_pipe):
+    """The shipped recipe trains the text encoder with the UNet; --text-encoder clip leaves
+    the toy CLIP's text tower bit-identical. Both resume from their checkpoint."""
+    tok = toy_pipe.tokenizer
+    caps = [shapes.make_example(i).caption for i in range(8)]
+    lat = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    te = training.make_text_encoder(
+        tok, CLIPModel.from_pretrained(clip.TOY_CLIP_DIR, use_safetensors=True) if frozen else None)
+    before = [p.detach().clone() for p in te.parameters()]
+    unet, out = training._train_unet(tmp_path, lat, caps, tok, te, steps=2, batch=4,
+                                     frozen=frozen, log=_quiet)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, te.parameters()))
+    assert changed != frozen
+    ckpt = tmp_path / "unet.ckpt.safetensors"
+    assert json.loads(safe_open(str(ckpt), "pt").metadata()["meta"])["step"] == 2
+    training._train_unet(tmp_path, lat, caps, tok, te, steps=3, batch=4, frozen=frozen,
+                         log=_quiet)  # resumes at step 2
+    assert json.loads(safe_open(str(ckpt), "pt").metadata()["meta"])["step"] == 3
