@@ -161,7 +161,8 @@ def _training_text(tr: dict) -> str:
 
 _CLIP_ROWS = (  # the model card's rows for the toy CLIP and the CLIP score, when measured
     ("clip_image_to_caption_top1", "toy CLIP, zero-shot on 400 new scenes: a picture's caption "
-     "ranked first of the grammar's 588", ".1%"),
+     "ranked first of the grammar's captions with as many objects", ".1%"),
+    ("clip_image_to_caption_top1_of_all", "... ranked first of all the grammar's 588", ".1%"),
     ("clip_image_to_caption_heldout_captions", "... on scenes whose caption training never saw",
      ".1%"),
     ("clip_caption_to_image_top1", "toy CLIP: a caption's picture ranked first of the 400", ".1%"),

@@ -274,7 +274,7 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
     torch.manual_seed(seed)
     unet, ema_unet, scheduler = make_unet(), make_unet(), make_scheduler()
     ema_unet.load_state_dict(unet.state_dict())
-    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_text = text_encoder if frozen else copy.deepcopy(text_encoder).requires_grad_(False)
     text_encoder.requires_grad_(not frozen)
     params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -285,13 +285,16 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
     distinct = sorted(set(captions) | {""})
     row = {c: i for i, c in enumerate(distinct)}
     ids = tokenize(tokenizer, distinct)  # (C, 20)
-    with torch.no_grad():  # a frozen encoder: each distinct caption is encoded once
-        states = torch.cat([text_encoder(ids[i:i + 512])[0] for i in range(0, len(ids), 512)])
     rows_all, empty = torch.tensor([row[c] for c in captions]), row[""]  # (N,), an int
-    after = torch.arange(ids.shape[1]) >= (ids == tokenizer.eos_token_id).int().argmax(1)[:, None]
-    kept = [[tokenizer.convert_ids_to_tokens(i)[:-4] in CONTENT for i in r] for r in ids.tolist()]
-    blank = lambda m: torch.where(m[..., None], states[empty], states)  # noqa: E731
-    words_only, content_only = blank(after), blank(~torch.tensor(kept))  # (C, 20, 128) each
+    if frozen:
+        with torch.no_grad():  # each distinct caption is encoded once
+            states = torch.cat([text_encoder(ids[i:i + 512])[0] for i in range(0, len(ids), 512)])
+        end = (ids == tokenizer.eos_token_id).int().argmax(1)  # (C,) the first end token
+        after = torch.arange(ids.shape[1]) >= end[:, None]  # (C, 20)
+        words = [[tokenizer.convert_ids_to_tokens(i)[:-4] for i in r] for r in ids.tolist()]
+        kept = [[w in CONTENT for w in r] for r in words]
+        blank = lambda m: torch.where(m[..., None], states[empty], states)  # noqa: E731
+        words_only, content_only = blank(after), blank(~torch.tensor(kept))  # (C, 20, 128)
     gen = torch.Generator().manual_seed(seed + start)
     ema_pairs = list(zip(itertools.chain(ema_unet.parameters(), ema_text.parameters()), params))
     t0, losses = time.time(), []

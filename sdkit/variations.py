@@ -35,7 +35,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 from tqdm.auto import tqdm
 
-from . import checks, device, finetune, pipeline, shapes
+from . import checks, clip, device, finetune, pipeline, shapes
 from .images import to_tensor
 
 EMBED_DIM = 128  # the shared image-text embedding width
@@ -128,11 +128,9 @@ def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
     if image_embeds.shape != text_embeds.shape:
         checks.fail("text_embeds", f"tensor of shape {tuple(text_embeds.shape)}",
                     f"expected the image_embeds' shape {tuple(image_embeds.shape)}")
-    img = F.normalize(image_embeds, dim=-1)
-    txt = F.normalize(text_embeds, dim=-1)
-    logits = torch.as_tensor(logit_scale).exp() * img @ txt.T  # (B, B)
-    labels = torch.arange(len(img), device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    # the toy CLIP's loss with one true caption per picture: labels 0, 1, ..., B-1 both ways
+    truth = torch.eye(len(image_embeds), device=image_embeds.device)
+    return clip.contrastive_loss(image_embeds, text_embeds, torch.as_tensor(logit_scale), truth)
 
 
 def _image_noising_scheduler() -> DDPMScheduler:
