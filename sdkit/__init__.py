@@ -58,7 +58,7 @@ NOTEBOOK_MODULES = {
     9: ("inpainting",),
     10: ("finetune", "textual_inversion", "lora", "hypernetwork"),
     11: ("variations", "unclip"),
-    12: ("checkpoints", "training", "evaluation"),
+    12: ("checkpoints", "grounding", "training", "evaluation"),
 }
 
 __all__ = [

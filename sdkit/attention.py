@@ -46,13 +46,15 @@ class AttentionStore:
     half (with an odd batch, or ``guided=False``, every item). ``resolutions`` limits capture
     to layers of those sides (e.g. ``(16,)``; default: all). Each record is (layer, step,
     probs), probs (b, HW, T) head-averaged, on the CPU, in ``dtype`` (float16: real SD records
-    hundreds of maps). Each further call of a layer is the next step; ``reset()`` forgets all.
+    hundreds of maps); ``keep_graph=True`` keeps them as made, gradient too, for a loss on the
+    maps (notebook 12). Each further call of a layer is the next step; ``reset()`` forgets all.
     The same store entered again inside its block records once; the outer exit unhooks.
 
     Introduced in notebooks/04_text_and_cross_attention.ipynb.
     """
 
-    def __init__(self, unet, guided: bool = True, resolutions=None, dtype=torch.float16):
+    def __init__(self, unet, guided: bool = True, resolutions=None, dtype=torch.float16,
+                 keep_graph: bool = False):
         if not hasattr(unet, "attn_processors") or not hasattr(unet, "named_modules"):
             checks.fail("unet", unet, "expected a diffusers UNet2DConditionModel (pipe.unet)")
         self.guided = checks.check_bool("guided", guided)
@@ -60,6 +62,7 @@ class AttentionStore:
             resolutions = tuple(checks.check_int("resolutions", r, 1, 1024) for r in resolutions)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             checks.fail("dtype", dtype, "expected a torch floating dtype, e.g. torch.float16")
+        self.keep_graph = checks.check_bool("keep_graph", keep_graph)
         self.unet, self.resolutions, self.dtype = unet, resolutions, dtype
         self.records: list[tuple[str, int, torch.Tensor]] = []  # (layer, step, (b, HW, T))
         self._calls, self._handles, self._depth = {}, [], 0  # layer -> calls; hooks; nesting
@@ -82,7 +85,6 @@ class AttentionStore:
                 attn.to_k.register_forward_hook(keep("key")),
                 attn.register_forward_hook(after, with_kwargs=True)]
 
-    @torch.no_grad()
     def _keep(self, name, attn, query, key, attention_mask):
         """softmax(q k^T * scale) averaged over heads, as AttnProcessor2_0 goes from q, k."""
         step = self._calls.get(name, 0)
@@ -102,7 +104,8 @@ class AttentionStore:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[1], b)
             scores = scores + mask.view(b, h, -1, mask.shape[-1])[cond]
         probs = scores.float().softmax(-1).mean(1)  # (b, HW, T)
-        self.records.append((name, step, probs.to("cpu", self.dtype)))
+        self.records.append((name, step, probs if self.keep_graph else
+                             probs.detach().to("cpu", self.dtype)))
 
     def reset(self):
         """Forget every record (the hooks stay on while inside the ``with`` block)."""
@@ -162,15 +165,13 @@ class AttentionStore:
         if not recs:
             checks.fail("layers/steps", (layers, steps), "no record matches these layers and steps")
         item = checks.check_int("item", item, 0, recs[0][2].shape[0] - 1)
-        size = (max(self.resolutions_seen) if size is None
-                else checks.check_int("size", size, 1, 4096))
+        size = max(self.resolutions_seen) if size is None else size
+        size = checks.check_int("size", size, 1, 4096)
         acc = torch.zeros(recs[0][2].shape[2], size, size)
         for _, _, p in recs:
             side = math.isqrt(p.shape[1])
-            m = p[item].float().T.reshape(1, -1, side, side)  # (1, T, side, side)
-            if side != size:
-                m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
-            acc += m[0]
+            m = p[item].detach().float().T.reshape(1, -1, side, side)  # (1, T, side, side)
+            acc += F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[0]
         return acc / len(recs)
 
 

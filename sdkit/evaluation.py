@@ -150,13 +150,29 @@ def _training_text(tr: dict) -> str:
             f"{' (' + str(tr['decoder_minutes']) + ' min)' if 'decoder_minutes' in tr else ''}. "
             + (f"Toy CLIP: {r['clip_steps']} contrastive steps (notebook 04); UNet on its frozen "
                f"text tower, {r.get('unnamed', 0):.0%} of pictures of every colour and shape "
-               f"(purple or star captioned with the empty prompt): " if "clip_steps" in r
+               f"(purple or star captioned with the empty prompt)"
+               + (f", token-grounding loss weight {r['grounding']} (`sdkit.grounding`)"
+                  if r.get("grounding") else "") + ": " if "clip_steps" in r
                else "UNet and text encoder: ")
             + f"{r['unet_steps']} steps, batch {r['unet_batch']}, AdamW 1e-3 "
             f"with cosine decay, v-prediction loss, 10% empty captions for classifier-free "
             f"guidance, EMA 0.999. Wall time: {tr.get('train_minutes_this_run', '?')} min on "
             f"{tr.get('machine', 'a 2-core CPU')} ({tr.get('torch_threads', '?')} torch threads)"
             f"{'; per stage (min): ' + str(tr['stage_minutes']) if 'stage_minutes' in tr else ''}.")
+
+
+def _text_encoder_notes(recipe: dict) -> dict:
+    """The card's words on where the pipeline's text encoder comes from."""
+    if "clip_steps" in recipe:
+        return {"text_encoder_origin": "the toy CLIP's text tower, frozen while the UNet trained",
+                "clip_note": "The pipeline's text encoder is its text tower, frozen while the UNet "
+                             "trained, as SD 1.x's is CLIP ViT-L's."}
+    return {"text_encoder_origin": "trained jointly with the UNet",
+            "clip_note": "The pipeline's text encoder is not its text tower: it trained jointly "
+                         "with the UNet. `python -m sdkit.training train --text-encoder clip` "
+                         "trains the UNet on the CLIP's frozen tower instead, with a "
+                         "token-grounding loss (`sdkit.grounding`); that model is not shipped, "
+                         "as textual inversion (notebook 10) finds no purple in it."}
 
 
 _CLIP_ROWS = (  # the model card's rows for the toy CLIP and the CLIP score, when measured
@@ -202,6 +218,7 @@ def _write_model_card(folder, figs: dict) -> Path:
         default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, max_length=MAX_LENGTH,
         scaling_factor=figs.get("scaling_factor", tr.get("scaling_factor", "see vae/config.json")),
         training_text=_training_text(tr), n_words=len(shapes.world_words()),
+        **_text_encoder_notes(tr.get("recipe", {})),
         **{f"{part}_mb": sizes.get(part, 0) / 1e6 for part in ("text_encoder", "vae", "unet")})
     template = files("sdkit").joinpath("model_card.md").read_text(encoding="utf-8")
     card = folder / "README.md"

@@ -4,11 +4,12 @@
     python -m sdkit.training train --text-encoder clip --vae-from data/toy-sd --out runs/clip-sd
     python -m sdkit.training finetune-decoder  # the VAE-decoder stage alone, on a saved model
 
-The stock classes of a real SD, only smaller (``CLIPTokenizer`` with vocab.json and merges.txt
-written for the shapes world's words by ``clip.write_tokenizer``, ``CLIPTextModel``,
-``AutoencoderKL``, a ``UNet2DConditionModel``), saved as a folder stock diffusers loads without
-sdkit. The shipped text encoder trained with the UNet; ``--text-encoder clip`` reads the toy
-CLIP's text tower frozen instead, as SD 1.x read CLIP ViT-L's (``sdkit.clip``, notebook 04).
+The stock classes of a real SD, only smaller (``CLIPTokenizer`` written for the shapes world's
+words by ``clip.write_tokenizer``, ``CLIPTextModel``, ``AutoencoderKL``, a
+``UNet2DConditionModel``), saved as a folder stock diffusers loads without sdkit. The shipped
+text encoder trained with the UNet; ``--text-encoder clip`` reads the toy CLIP's text tower
+frozen instead, as SD 1.x read CLIP ViT-L's (``sdkit.clip``, notebook 04), with a
+token-grounding loss on the cross-attention maps (``sdkit.grounding``).
 Unlike SD 1.5 (notebook 12 shows why): a zero-SNR schedule, v-prediction. Exam:
 ``sdkit.evaluation``. Left out: LAION-scale data, mixed precision, multi-GPU.
 """
@@ -16,6 +17,7 @@ Unlike SD 1.5 (notebook 12 shows why): a zero-SNR schedule, v-prediction. Exam:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -32,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel
 
-from . import checks, clip, device, finetune, shapes
+from . import checks, clip, device, finetune, grounding, shapes
+from .attention import AttentionStore
 from .checkpoints import load_checkpoint as _load_ckpt
 from .checkpoints import save_checkpoint as _save_ckpt
 from .images import decode, encode, psnr, to_tensor
@@ -41,9 +44,9 @@ from .pipeline import MAX_LENGTH, TOY_DIR, dpm_solver
 RECIPE = dict(n_images=60_000, vae_steps=2500, unet_steps=3000, unet_batch=64, decoder_steps=300)
 QUICK = dict(n_images=4_000, vae_steps=300, unet_steps=300, unet_batch=32, decoder_steps=20)
 # --text-encoder clip: the toy CLIP (notebook 04) trained first and read frozen; not shipped
-CLIP_RECIPE = dict(RECIPE, unnamed=0.08, clip_steps=1200, unet_steps=2500)
+CLIP_RECIPE = dict(RECIPE, unnamed=0.08, clip_steps=1200, unet_steps=2500,
+                   grounding=0.1)  # the token-grounding loss's weight (sdkit.grounding)
 HELDOUT_SEED = 10_000_000  # the held-out pictures of the VAE's PSNR start at this seed
-CONTENT = set(shapes.TRAIN_COLOURS + shapes.TRAIN_SHAPES)  # the words an object's map is made of
 
 # ------------------------------------------------------------------------------ the models
 
@@ -124,30 +127,38 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Stable
 # ------------------------------------------------------------------------------ data
 
 
-def training_data(n: int, seed: int = 0, unnamed: float = 0.0):
+def training_data(n: int, seed: int = 0, unnamed: float = 0.0, masks: bool = False):
     """``n`` training examples (uint8 (n, 64, 64, 3), captions) from seeds ``seed...``,
     skipping the held-out captions (``shapes.heldout_captions``). An ``unnamed`` share of the
     seeds draws from every colour and shape; a scene with purple or a star (words no caption
-    has) gets the empty caption, as LAION shows SD far more than its captions name.
+    has) is captioned without them, as LAION shows SD far more than its captions name: "a
+    circle on the left" for a purple circle, nothing for a star (a lone star: the empty
+    caption). ``masks``
+    adds a third item, the objects' masks on the latent grid ((n, 2, 16, 16) float16,
+    ``grounding.latent_masks``).
 
     Introduced in notebooks/12_training_from_scratch.ipynb.
     """
     n, seed = checks.check_int("n", n, 1, shapes.MAX_DATASET), checks.check_seed(seed)
-    unnamed = checks.check_float("unnamed", unnamed, 0.0, 0.5)
+    unnamed, masks = checks.check_float("unnamed", unnamed, 0.0, 0.5), checks.check_bool(
+        "masks", masks)
     device.check_memory("n", n, 2 * n * 3 * shapes.SIZE**2, f"{n:,} pictures (uint8)", "cpu")
     held, train = shapes.heldout_captions(), set(shapes.TRAIN_COLOURS + shapes.TRAIN_SHAPES)
 
-    def draw(s):
-        if np.random.default_rng([s, 2]).random() >= unnamed:
+    def draw(s):  # no caption names purple or a star: a purple object's colour is left out,
+        if np.random.default_rng([s, 2]).random() >= unnamed:  # a star is left out
             return shapes.make_example(s)
         e = shapes.make_example(s, colours=tuple(shapes.COLOURS), shapes=shapes.SHAPES)
-        new = any(o.colour not in train or o.shape not in train for o in e.objects)
-        return dataclasses.replace(e, caption="") if new else e
+        kept = [(o, m) for o, m in zip(e.objects, e.masks) if o.shape in train]
+        words = [o.phrase.replace(f" {o.colour} ", " ") if o.colour not in train else o.phrase
+                 for o, _ in kept]
+        return dataclasses.replace(e, caption=" and ".join(words), masks=tuple(m for _, m in kept))
 
     drawn = (draw(s) for s in itertools.count(seed))
     kept = itertools.islice((e for e in drawn if e.caption not in held), n)
     kept = list(tqdm(kept, total=n, desc="drawing shapes", leave=False))
-    return np.stack([e.image for e in kept]), [e.caption for e in kept]
+    out = np.stack([e.image for e in kept]), [e.caption for e in kept]
+    return out + (np.stack([grounding.latent_masks(e.masks) for e in kept]),) if masks else out
 
 
 def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
@@ -263,14 +274,14 @@ def _train_decoder(vae, steps: int, n_images: int = 6000, batch: int = 32, lr: f
 
 def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], tokenizer,
                 text_encoder, steps: int, batch: int = 64, lr: float = 1e-3,
-                p_uncond: float = 0.1, frozen: bool = False, p_words: float = 0.5,
-                ema_decay: float = 0.999, seed: int = 0, log=print, on_checkpoint=None):
+                p_uncond: float = 0.1, frozen: bool = False, ema_decay: float = 0.999,
+                seed: int = 0, log=print, on_checkpoint=None, masks=None,
+                grounding_weight: float = 0.0):
     """Train the UNet on the v-prediction objective (latents already scaled to unit variance);
     a ``p_uncond`` share of captions is the empty prompt. The shipped recipe trains
-    ``text_encoder`` with the UNet. ``frozen`` (``--text-encoder clip``) reads a CLIP's text
-    tower frozen instead, as SD 1.x read CLIP ViT-L's; then, in a ``p_words`` share, the states
-    from the end token on (CLIP's summary of the caption), or all but the colour and shape
-    words', are the empty prompt's, so that the UNet must read the words themselves."""
+    ``text_encoder`` with the UNet; ``frozen`` (``--text-encoder clip``) reads a CLIP's text
+    tower frozen instead, as SD 1.x read CLIP ViT-L's. ``grounding_weight`` > 0 adds that times
+    ``grounding.grounding_loss`` on ``masks`` (the objects' masks of the latents' pictures)."""
     torch.manual_seed(seed)
     unet, ema_unet, scheduler = make_unet(), make_unet(), make_scheduler()
     ema_unet.load_state_dict(unet.state_dict())
@@ -286,15 +297,12 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
     row = {c: i for i, c in enumerate(distinct)}
     ids = tokenize(tokenizer, distinct)  # (C, 20)
     rows_all, empty = torch.tensor([row[c] for c in captions]), row[""]  # (N,), an int
+    words_at = grounding.object_tokens(tokenizer, distinct)  # (C, 2, 2)
+    if grounding_weight and (masks is None or len(masks) != len(latents)):
+        checks.fail("masks", type(masks).__name__, "expected one (2, 16, 16) mask pair per latent")
     if frozen:
         with torch.no_grad():  # each distinct caption is encoded once
             states = torch.cat([text_encoder(ids[i:i + 512])[0] for i in range(0, len(ids), 512)])
-        end = (ids == tokenizer.eos_token_id).int().argmax(1)  # (C,) the first end token
-        after = torch.arange(ids.shape[1]) >= end[:, None]  # (C, 20)
-        words = [[tokenizer.convert_ids_to_tokens(i)[:-4] for i in r] for r in ids.tolist()]
-        kept = [[w in CONTENT for w in r] for r in words]
-        blank = lambda m: torch.where(m[..., None], states[empty], states)  # noqa: E731
-        words_only, content_only = blank(after), blank(~torch.tensor(kept))  # (C, 20, 128)
     gen = torch.Generator().manual_seed(seed + start)
     ema_pairs = list(zip(itertools.chain(ema_unet.parameters(), ema_text.parameters()), params))
     t0, losses = time.time(), []
@@ -311,13 +319,14 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
         target = scheduler.get_velocity(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
-        if frozen:
-            u = torch.rand(batch, generator=gen)[:, None, None]
-            cond = torch.where(u < p_words / 2, content_only[rows],
-                               torch.where(u < p_words, words_only[rows], states[rows]))
-        else:
-            cond = text_encoder(ids[rows])[0]  # (B, 20, 128), trained with the UNet
-        loss = F.mse_loss(unet(x_t, t, cond).sample, target)
+        # (B, 20, 128): the frozen CLIP's states, or the jointly trained encoder's
+        cond = states[rows] if frozen else text_encoder(ids[rows])[0]
+        store = AttentionStore(unet, guided=False, keep_graph=True)
+        with store if grounding_weight else contextlib.nullcontext():
+            loss = F.mse_loss(unet(x_t, t, cond).sample, target)
+        if grounding_weight:  # each object's words' maps pulled inside its mask
+            token_loss = grounding.grounding_loss(store.records, words_at[rows], masks[idx])
+            loss = loss + grounding_weight * token_loss
         finetune._finite(loss, "steps", steps, f"a finite UNet loss; at step {step + 1} it")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -364,7 +373,7 @@ def _train(out=TOY_DIR, workdir="runs/toy", quick: bool = False, snapshot_every:
     quick, snapshot_every = checks.check_bool("quick", quick), checks.check_int(
         "snapshot_every", snapshot_every, 0, 1_000_000)
     frozen = checks.check_choice("text_encoder", text_encoder, ("joint", "clip")) == "clip"
-    r = dict(QUICK, unnamed=0.08, clip_steps=50) if quick and frozen else (
+    r = dict(CLIP_RECIPE, **QUICK, clip_steps=50) if quick and frozen else (
         QUICK if quick else CLIP_RECIPE if frozen else RECIPE)
     workdir.mkdir(parents=True, exist_ok=True)
     t_all, stages = time.time(), {}
@@ -374,7 +383,8 @@ def _train(out=TOY_DIR, workdir="runs/toy", quick: bool = False, snapshot_every:
         return time.time()
 
     tokenizer = clip.write_tokenizer(workdir / "tokenizer")
-    images, captions = training_data(r["n_images"], seed=0, unnamed=r.get("unnamed", 0.0))
+    images, captions, *masks = training_data(r["n_images"], seed=0, unnamed=r.get(
+        "unnamed", 0.0), masks="grounding" in r)
     t = stage("data", t_all)
     if vae_from is None:
         vae = _train_vae(workdir, images, r["vae_steps"], log=log)
@@ -408,7 +418,9 @@ def _train(out=TOY_DIR, workdir="runs/toy", quick: bool = False, snapshot_every:
 
     unet, text_encoder = _train_unet(workdir, latents, captions, tokenizer, text_encoder,
                                      r["unet_steps"], batch=r["unet_batch"], frozen=frozen,
-                                     log=log, on_checkpoint=snapshot)
+                                     log=log, on_checkpoint=snapshot,
+                                     masks=torch.from_numpy(masks[0]) if masks else None,
+                                     grounding_weight=r.get("grounding", 0.0))
     t = stage("unet", t)
     if vae_from is None:  # the encoder, and so the latents, stay
         vae = _train_decoder(vae, r["decoder_steps"], log=log)

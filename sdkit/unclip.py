@@ -3,8 +3,9 @@
 Notebook 11 runs the same cells on two kinds of pipeline:
 
 - the kit's toy model (or any ``StableDiffusionPipeline``): the toy unCLIP parts of
-  ``sdkit.variations`` stand in for CLIP's image tower (a small image encoder) and for a UNet
-  that reads image embeddings (a projector into the text hidden states it already reads);
+  ``sdkit.variations`` stand in for Stable unCLIP's CLIP image tower (the kit's own CLIP's,
+  ``data/toy-clip``) and for a UNet that reads image embeddings (a projector into the text
+  hidden states it already reads);
 - a Stable unCLIP model: ``SDKIT_MODEL`` naming a local diffusers folder (or a hub id in the
   local hub cache) whose ``model_index.json`` says ``"_class_name":
   "StableUnCLIPImg2ImgPipeline"``. ``load_pipeline`` then loads diffusers' stock
@@ -142,7 +143,7 @@ def _pil(pictures, name: str) -> list:
 def image_embeddings(pipe, model, pictures) -> torch.Tensor:
     """Image embeddings (B, D), float32 on the CPU: CLIP's image tower (``feature_extractor``
     then ``image_encoder(...).image_embeds``) for a Stable unCLIP pipeline, the toy image
-    encoder of ``model`` (``variations.embed_images``, 64x64 pictures) otherwise.
+    CLIP of ``model`` (``variations.embed_images``, 64x64 pictures) otherwise.
 
     Introduced in notebooks/11_image_variations.ipynb.
     """

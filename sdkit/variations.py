@@ -2,27 +2,27 @@
 
 Stable unCLIP conditions the UNet on a CLIP *image* embedding (alongside the text), with
 noise added to that embedding at a chosen ``noise_level``; diffusers runs it as
-``StableUnCLIPImg2ImgPipeline``. The toy model has no CLIP image tower and its UNet was
-never taught to read image embeddings, so this module builds the same idea from parts
-that train in seconds on a CPU:
+``StableUnCLIPImg2ImgPipeline``. Here the image embedding is the kit's own CLIP's
+(``data/toy-clip``, notebook 04), frozen, as Stable unCLIP's is CLIP ViT-H's. The toy UNet
+was never taught to read image embeddings, so a small part that trains in seconds on a CPU
+translates them into what it does read:
 
-1. ``ImageEncoder``: a small CNN trained CLIP-style (symmetric InfoNCE) against the frozen
-   toy text encoder's pooled caption embeddings, so that image and text embeddings share
-   one space (``train_encoder``).
+1. ``clip.embed_images``: the toy CLIP's image tower and projection, unit-length (B, 128).
 2. ``Projector``: an MLP from a (noise-augmented) image embedding plus the noise level to
    the (20, 128) text hidden states the UNet's cross-attention reads, trained with MSE on
-   drawn shapes pictures (``train_projector``). Noise augmentation is unCLIP's: normalise
-   the embedding, ``DDPMScheduler.add_noise`` at ``noise_level``, un-normalise, and tell the
-   projector the level.
+   drawn shapes pictures (``fit``). Noise augmentation is unCLIP's: normalise the embedding,
+   ``DDPMScheduler.add_noise`` at ``noise_level``, un-normalise, and tell the projector the
+   level.
 3. ``variations``: embed a picture, noise, project, and sample the unchanged toy
    pipeline with ``prompt_embeds`` and several seeds (``shapes.hits`` then says which
    variations kept the picture's objects).
 
-Training is deterministic by seed and cached in memory (``fit``). Notebook 11 writes one
-InfoNCE step in a cell (asserted equal to ``info_nce``) before ``fit`` runs the loop; its
-real-weights path (diffusers' ``StableUnCLIPImg2ImgPipeline``) is ``sdkit.unclip``. Left out:
-unCLIP's prior (text -> image embedding), mixing text and image conditioning in one prompt,
-and fine-tuning the toy UNet itself to read the embedding through its class-embedding input.
+Training is deterministic by seed and cached in memory (``fit``). Notebook 11 writes CLIP's
+InfoNCE in a cell (asserted equal to ``info_nce``, the toy CLIP's ``clip.contrastive_loss``
+with one true caption per picture); its real-weights path (diffusers'
+``StableUnCLIPImg2ImgPipeline``) is ``sdkit.unclip``. Left out: unCLIP's prior (text -> image
+embedding), mixing text and image conditioning in one prompt, and fine-tuning the toy UNet
+itself to read the embedding through its class-embedding input.
 """
 
 from __future__ import annotations
@@ -34,40 +34,18 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPTokenizer
 
 from . import checks, clip, device, finetune, pipeline, shapes
 from .images import to_tensor
 
-EMBED_DIM = 128  # the shared image-text embedding width
+EMBED_DIM = 128  # the toy CLIP's image-text embedding width (its projection_dim)
 LEVEL_DIM = 32  # width of the sinusoidal noise-level embedding given to the projector
 MAX_NOISE_LEVEL = 999  # noise levels run 0..999, as unCLIP's image_noising_scheduler
 _ORDER = {"left": 0, "top": 0, "center": 1, "right": 2, "bottom": 2}
 
 
 # ----------------------------------------------------------------------------- models
-
-
-class ImageEncoder(nn.Module):
-    """(B, 3, 64, 64) in [-1, 1] -> (B, 128) unit-length embeddings.
-
-    A 2x average pool, three stride-2 convolutions and a linear layer on the flattened
-    4x4 grid (flattening keeps *where* things are, which a global pool would lose).
-
-    Introduced in notebooks/11_image_variations.ipynb.
-    """
-
-    def __init__(self, width: int = 16, embed_dim: int = EMBED_DIM):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.AvgPool2d(2),  # (B, 3, 32, 32)
-            nn.Conv2d(3, width, 3, 2, 1), nn.SiLU(),  # (B, 16, 16, 16)
-            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.SiLU(),  # (B, 32, 8, 8)
-            nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.SiLU(),  # (B, 64, 4, 4)
-            nn.Flatten(), nn.Linear(4 * width * 16, embed_dim),  # (B, 128)
-        )
-
-    def forward(self, x):
-        return F.normalize(self.net(x), dim=-1)
 
 
 class Projector(nn.Module):
@@ -93,20 +71,22 @@ class Projector(nn.Module):
 
 
 class ToyUnCLIP(nn.Module):
-    """The trained parts: encoder, text projection, projector and the embedding statistics
-    (what ``fit`` returns).
+    """What ``fit`` returns: the frozen toy CLIP (``clip_model``; its image tower is the
+    encoder) with its ``tokenizer``, the trained projector and the embeddings' statistics.
 
     Introduced in notebooks/11_image_variations.ipynb.
     """
 
-    def __init__(self, seq_len: int, hidden: int, text_dim: int):
+    def __init__(self, clip_model: CLIPModel, tokenizer, seq_len: int, hidden: int):
         super().__init__()
-        self.encoder = ImageEncoder()
-        self.text_projection = nn.Linear(text_dim, EMBED_DIM, bias=False)  # as CLIP's
-        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))  # CLIP's start
-        self.projector = Projector(seq_len, hidden)
-        self.register_buffer("embeds_mean", torch.zeros(EMBED_DIM))
-        self.register_buffer("embeds_std", torch.ones(EMBED_DIM))
+        if not isinstance(clip_model, CLIPModel):
+            checks.fail("clip_model", type(clip_model).__name__,
+                        "expected a CLIPModel, e.g. the kit's from clip.TOY_CLIP_DIR")
+        self.clip, self.tokenizer = clip_model.eval().requires_grad_(False), tokenizer
+        dim = clip_model.config.projection_dim
+        self.projector = Projector(seq_len, hidden, embed_dim=dim)
+        self.register_buffer("embeds_mean", torch.zeros(dim))
+        self.register_buffer("embeds_std", torch.ones(dim))
         self.history: dict[str, list[float]] = {}
 
 
@@ -210,19 +190,34 @@ _CACHE: dict = {}
 _BROKEN = "expected finite text features (are the text encoder's weights NaN?): the "
 
 
-def _fingerprint(pipe) -> tuple:
-    p = next(pipe.text_encoder.parameters())
-    return (id(pipe.text_encoder), float(p.detach().double().sum()))
+def _fingerprint(module) -> tuple:
+    p = next(module.parameters())
+    return (id(module), float(p.detach().double().sum()))
 
 
-def fit(pipe, seed: int = 0, n_images: int = 3000, encoder_steps: int = 300,
-        projector_steps: int = 400, batch: int = 128, progress: bool = True) -> ToyUnCLIP:
-    """Train the toy unCLIP parts against ``pipe``'s frozen text encoder; cached in memory.
+def load_toy_clip(folder=clip.TOY_CLIP_DIR) -> tuple[CLIPModel, CLIPTokenizer]:
+    """The kit's CLIP and its tokenizer from ``folder`` (stock ``from_pretrained``,
+    safetensors only), frozen, in eval mode.
+
+    Introduced in notebooks/11_image_variations.ipynb.
+    """
+    folder = checks.check_folder("folder", folder)
+    if not (folder / "config.json").is_file():
+        checks.fail("folder", str(folder), "a CLIPModel folder (config.json, model.safetensors, "
+                                           "the tokenizer), e.g. data/toy-clip")
+    model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return model.eval().requires_grad_(False), CLIPTokenizer.from_pretrained(folder)
+
+
+def fit(pipe, seed: int = 0, n_images: int = 3000, projector_steps: int = 400,
+        batch: int = 128, progress: bool = True, clip_folder=clip.TOY_CLIP_DIR) -> ToyUnCLIP:
+    """Train the projector from the toy CLIP's image embeddings (``clip_folder``, frozen) to
+    ``pipe``'s text hidden states; cached in memory.
 
     Deterministic by ``seed`` (its own RNGs; the global torch RNG is left as it was).
     Calling again with the same pipe and arguments returns the cached model at once.
-    The pictures (``n_images`` of them, kept as float32) and a ``batch``'s activations must
-    fit in memory: the error gives the estimate and the limit (``SDKIT_MEMORY_LIMIT=32GiB``
+    The pictures (``n_images`` of them, kept as float32) and their embedding in chunks of 256
+    must fit in memory: the error gives the estimate and the limit (``SDKIT_MEMORY_LIMIT=32GiB``
     raises it). A progress bar shows the steps (``progress=False`` hides it); Jupyter's stop
     button (KeyboardInterrupt) stops it with nothing cached, and a non-finite loss stops it
     with an error.
@@ -231,67 +226,45 @@ def fit(pipe, seed: int = 0, n_images: int = 3000, encoder_steps: int = 300,
     """
     seed = checks.check_seed(seed)
     n_images = checks.check_int("n_images", n_images, 16, 1_000_000)
-    encoder_steps = checks.check_int("encoder_steps", encoder_steps, 0, 100_000)
     projector_steps = checks.check_int("projector_steps", projector_steps, 0, 100_000)
     batch = checks.check_int("batch", batch, 2, n_images)
     progress = checks.check_bool("progress", progress)
-    key = (_fingerprint(pipe), seed, n_images, encoder_steps, projector_steps, batch)
+    key = (_fingerprint(pipe.text_encoder), seed, str(clip_folder), n_images, projector_steps,
+           batch)
     if key in _CACHE:
         return _CACHE[key]
-    with torch.random.fork_rng(devices=[]):  # the estimate's encoder draws weights too
-        enc = ImageEncoder()
-        per_item = device._per_sample_bytes(enc, lambda: enc(torch.zeros(1, 3, shapes.SIZE,
-                                                                          shapes.SIZE)))
-        picture = 3 * shapes.SIZE * shapes.SIZE  # one drawn picture: uint8, then float32
-        device.check_memory("n_images", n_images, n_images * (6 * picture + 4 * EMBED_DIM)
-                            + batch * per_item, f"{n_images:,} training pictures and batches "
-                            f"of {batch}", "cpu")
+    clip_model, tokenizer = load_toy_clip(clip_folder)
+    per_item = device._per_sample_bytes(clip_model, lambda: clip_model.get_image_features(
+        pixel_values=torch.zeros(1, 3, shapes.SIZE, shapes.SIZE)), training=False)
+    picture = 3 * shapes.SIZE * shapes.SIZE  # one drawn picture: uint8, then float32
+    device.check_memory("n_images", n_images, n_images * (6 * picture + 4 * EMBED_DIM)
+                        + min(n_images, 256) * per_item, f"{n_images:,} training pictures "
+                        f"and their CLIP embeddings", "cpu")
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress)
+        model = _fit(pipe, clip_model, tokenizer, seed, n_images, projector_steps, batch,
+                     progress)
     _CACHE[key] = model
     return model
 
 
-def _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress):
+def _fit(pipe, clip_model, tokenizer, seed, n_images, projector_steps, batch, progress):
     images, captions = _images(n_images, seed=50_000_000 + seed)  # away from other seeds
     uniq = sorted(set(captions))
-    pooled, hidden = text_features(pipe, uniq)  # (U, 128), (U, 20, 128)
+    _, hidden = text_features(pipe, uniq)  # (U, 20, 128): what the UNet reads
     index = torch.tensor([uniq.index(c) for c in captions])
-    model = ToyUnCLIP(hidden.shape[1], hidden.shape[2], pooled.shape[1])
+    model = ToyUnCLIP(clip_model, tokenizer, hidden.shape[1], hidden.shape[2])
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=encoder_steps + projector_steps, desc="toy unCLIP", disable=not progress)
-
-    # 1. CLIP-style: images against the frozen text encoder's pooled embeddings
-    params = [*model.encoder.parameters(), *model.text_projection.parameters(), model.logit_scale]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    losses = []
-    for step in range(encoder_steps):
-        idx = torch.randint(0, n_images, (batch,), generator=gen)
-        loss = info_nce(model.encoder(images[idx]), model.text_projection(pooled[index[idx]]),
-                        model.logit_scale)
-        finetune._finite(loss, "pipe", "its text features", _BROKEN + f"InfoNCE at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(info_nce=f"{np.mean(losses[-20:]):.3f}")
-    model.history["info_nce"] = losses
-
-    # 2. the projector: noised image embedding + level -> caption hidden states
-    model.encoder.requires_grad_(False)
-    with torch.no_grad():
-        embeds = torch.cat([model.encoder(images[i:i + 512]) for i in range(0, n_images, 512)])
+    embeds = clip.embed_images(model.clip, images)  # (N, 128) unit vectors, frozen
     model.embeds_mean.copy_(embeds.mean(0))
     model.embeds_std.copy_(embeds.std(0) + 1e-6)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
-    for step in range(projector_steps):
+    bar = tqdm(range(projector_steps), desc="toy unCLIP projector", disable=not progress)
+    for step in bar:  # noised image embedding + level -> the caption's hidden states
         idx = torch.randint(0, n_images, (batch,), generator=gen)
         levels = torch.randint(0, MAX_NOISE_LEVEL + 1, (batch,), generator=gen)
-        noise = torch.randn(batch, EMBED_DIM, generator=gen)
+        noise = torch.randn(batch, embeds.shape[1], generator=gen)
         x = noise_augment(model, embeds[idx], levels, noise=noise)
         loss = F.mse_loss(model.projector(x, levels), hidden[index[idx]])
         finetune._finite(loss, "pipe", "its text features", _BROKEN + f"the MSE at step {step + 1}")
@@ -299,38 +272,35 @@ def _fit(pipe, seed, n_images, encoder_steps, projector_steps, batch, progress):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        bar.update()
         bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
     model.history["projector_mse"] = losses
-    bar.close()
     return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- using it
 
 
-@torch.no_grad()
 def embed_images(model: ToyUnCLIP, images) -> torch.Tensor:
-    """Image embeddings (B, 128) of a list of 64x64 pictures.
+    """The toy CLIP's unit-length image embeddings (B, 128) of a list of 64x64 pictures
+    (``clip.embed_images`` on ``model.clip``).
 
     Introduced in notebooks/11_image_variations.ipynb.
     """
-    return model.encoder(_pictures(images, "images"))
+    return clip.embed_images(model.clip, _pictures(images, "images"))
 
 
 @torch.no_grad()
-def retrieve(model: ToyUnCLIP, pipe, images, captions=None) -> list[str]:
-    """The caption whose embedding is nearest each picture's (CLIP's zero-shot classification).
-
-    ``captions`` defaults to every caption of the shapes grammar (in reading order).
+def retrieve(model: ToyUnCLIP, images, captions=None) -> list[str]:
+    """The caption whose toy-CLIP embedding is nearest each picture's (CLIP's zero-shot
+    classification). ``captions`` defaults to every caption of the shapes grammar (in reading
+    order).
 
     Introduced in notebooks/11_image_variations.ipynb.
     """
     if captions is None:
         captions = sorted({canonical_caption(shapes.parse_caption(c))
                            for c in shapes.all_captions()})
-    pooled, _ = text_features(pipe, captions)
-    txt = F.normalize(model.text_projection(pooled), dim=-1)  # (C, 128)
+    txt = clip.embed_texts(model.clip, model.tokenizer, captions)  # (C, 128)
     sims = embed_images(model, images) @ txt.T  # (B, C)
     return [captions[i] for i in sims.argmax(-1).tolist()]
 
@@ -351,7 +321,7 @@ def variations(pipe, model: ToyUnCLIP, image, seeds, noise_level: int = 0,
     level = checks.check_int("noise_level", noise_level, 0, MAX_NOISE_LEVEL)
     seeds = [seeds] if isinstance(seeds, (int, np.integer)) else checks.check_list("seeds", seeds)
     generators = pipeline.make_generators(seeds)  # one CPU generator per seed
-    emb = model.encoder(_pictures(image, "image"))  # (1, 128)
+    emb = embed_images(model, image)  # (1, 128)
     if len(emb) != 1:
         checks.fail("image", f"{len(emb)} pictures", "expected one picture")
     out = []

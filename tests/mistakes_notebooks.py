@@ -346,13 +346,13 @@ def _nan_text_pipe(c):
 
 
 def _fit_tiny(pipe, **kw):
-    args = dict(n_images=16, encoder_steps=2, projector_steps=2, batch=4, progress=False) | kw
+    args = dict(n_images=16, projector_steps=2, batch=4, progress=False) | kw
     return variations.fit(pipe, seed=123, **args)
 
 
 def _fit_interrupted(c):
     rng = torch.random.get_rng_state()
-    with _interrupt_at(variations, "info_nce", 2):
+    with _interrupt_at(variations, "noise_augment", 2):
         _raises(KeyboardInterrupt, lambda: _fit_tiny(c.pipe))
     return rng
 
@@ -559,7 +559,8 @@ MISTAKES = [
     M("silent", "variations-fit-progress-yes", lambda c: _fit_tiny(c.pipe, progress="yes"),
       _refused("progress", "'yes'", "expected True or False"), needs_pipe=True),
     M("silent", "variations-model-of-another-pipe", lambda c: variations.variations(
-        c.pipe, variations.ToyUnCLIP(7, 9, 32), np.zeros((64, 64, 3), np.uint8), [0]),
+        c.pipe, variations.ToyUnCLIP(*variations.load_toy_clip(), 7, 9),
+        np.zeros((64, 64, 3), np.uint8), [0]),
       _refused("model", "(7, 9)", "expected one fit on this pipe"), needs_pipe=True),
     M("silent", "unclip-load-safety-checker-yes", lambda c: unclip.load_pipeline(
         "toy", safety_checker="yes"), _refused("safety_checker", "'yes'",

@@ -52,6 +52,7 @@ from sdkit import (
     clip,
     evaluation,
     finetune,
+    grounding,
     hypernetwork,
     images,
     img2img,
@@ -739,6 +740,26 @@ CASES = [
     Case("save-checkpoint-no-modules", lambda c: checkpoints.save_checkpoint(
         c.tmp / "x.safetensors", {}, None, 1),
          Refused("modules", "{}", "a non-empty dict of name -> torch module")),
+    # ---- token grounding (notebook 12)
+    Case("attention-store-keep-graph-1", lambda c: attention.AttentionStore(
+        c.pipe.unet, keep_graph=1),
+         Refused("keep_graph", "1", "expected True or False"), needs_pipe=True),
+    Case("latent-masks-32px", lambda c: grounding.latent_masks(np.zeros((1, 32, 32), bool)),
+         Refused("masks", "(1, 32, 32)", "expected 0, 1 or 2 masks of 64x64")),
+    Case("latent-masks-side-5", lambda c: grounding.latent_masks(
+        np.zeros((1, 64, 64), bool), side=5),
+         Refused("side", "5", "expected a divisor of 64")),
+    Case("object-tokens-three-objects", lambda c: grounding.object_tokens(
+        c.pipe.tokenizer, [" and ".join([PROMPT] * 3)]),
+         Refused("captions", PROMPT, "expected captions of one or two objects"), needs_pipe=True),
+    Case("grounding-loss-no-records", lambda c: grounding.grounding_loss(
+        [], torch.zeros(1, 2, 2), torch.zeros(1, 2, 4, 4)),
+         Refused("records", "[]", "AttentionStore(unet, guided=False, keep_graph=True)")),
+    Case("grounding-loss-tokens-of-another-batch", lambda c: grounding.grounding_loss(
+        [("l", 0, torch.zeros(2, 16, 6))], torch.zeros(3, 2, 2), torch.zeros(2, 2, 4, 4)),
+         Refused("tokens", "(3, 2, 2)", "expected (2, 2, 2) word positions")),
+    Case("training-data-masks-1", lambda c: training.training_data(4, masks=1),
+         Refused("masks", "1", "expected True or False")),
     # ---- the toy CLIP (notebook 04)
     Case("make-clip-not-a-tokenizer", lambda c: clip.make_clip(42),
          Refused("tokenizer", "'int'", "expected a CLIPTokenizer")),
@@ -856,7 +877,7 @@ def test_every_module_imports_and_the_removed_ones_are_gone(sdkit_modules):
 @pytest.fixture(scope="module")
 def toy_unclip(tiny_pipe):
     """A toy unCLIP model (notebook 11) fitted to the tiny pipeline in a few steps."""
-    return variations.fit(tiny_pipe, n_images=64, encoder_steps=1, projector_steps=1, batch=16,
+    return variations.fit(tiny_pipe, n_images=64, projector_steps=1, batch=16,
                           progress=False)
 
 

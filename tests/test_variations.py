@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdkit import pipeline, shapes, unclip, variations
+from sdkit import clip, pipeline, shapes, unclip, variations
 
-SMALL = dict(n_images=64, encoder_steps=3, projector_steps=3, batch=16, progress=False)
+SMALL = dict(n_images=64, projector_steps=3, batch=16, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,15 @@ def pipe(tiny_pipe):
     return tiny_pipe
 
 
-def test_encoder_and_projector_shapes():
-    enc = variations.ImageEncoder()
-    e = enc(torch.randn(5, 3, 64, 64))
-    assert e.shape == (5, variations.EMBED_DIM)
+def test_encoder_is_the_toy_clips_image_tower_and_the_projector_shapes():
+    toy_clip, _ = variations.load_toy_clip()
+    x = torch.randn(5, 3, 64, 64)
+    e = clip.embed_images(toy_clip, x)
+    assert e.shape == (5, variations.EMBED_DIM) == (5, toy_clip.config.projection_dim)
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(5))
+    with torch.no_grad():
+        want = toy_clip.visual_projection(toy_clip.vision_model(pixel_values=x).pooler_output)
+    torch.testing.assert_close(e, F.normalize(want, dim=-1))
     proj = variations.Projector(seq_len=20, hidden=32)
     h = proj(e, torch.tensor([0, 10, 500, 998, 999]))
     assert h.shape == (5, 20, 32)
@@ -52,7 +56,10 @@ def test_fit_is_deterministic_cached_and_leaves_the_global_rng(pipe):
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
-    assert len(a.history["info_nce"]) == 3 and len(a.history["projector_mse"]) == 3
+    assert len(a.history["projector_mse"]) == 3
+    assert all(not p.requires_grad for p in a.parameters())  # frozen CLIP, fitted projector
+    fresh = variations.load_toy_clip()[0].state_dict()
+    assert all(torch.equal(sa[f"clip.{k}"], v) for k, v in fresh.items())  # the CLIP unchanged
 
 
 def test_embeddings_shape_and_determinism(pipe):
@@ -144,7 +151,7 @@ def test_info_nce_by_hand_equals_the_helper_and_clipmodels_loss():
     # transformers' CLIPModel(return_loss=True) on its own embeddings of a batch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        clip = CLIPModel(CLIPConfig(
+        model = CLIPModel(CLIPConfig(
             text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, vocab_size=50, max_position_embeddings=8),
             vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -153,9 +160,9 @@ def test_info_nce_by_hand_equals_the_helper_and_clipmodels_loss():
         ids = torch.randint(0, 50, (5, 8))
         pixels = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
-        out = clip(input_ids=ids, pixel_values=pixels, return_loss=True)
-    for loss in (variations.info_nce(out.image_embeds, out.text_embeds, clip.logit_scale),
-                 _by_hand(out.image_embeds, out.text_embeds, clip.logit_scale)):
+        out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+    for loss in (variations.info_nce(out.image_embeds, out.text_embeds, model.logit_scale),
+                 _by_hand(out.image_embeds, out.text_embeds, model.logit_scale)):
         torch.testing.assert_close(loss, out.loss)
 
 
@@ -407,14 +414,14 @@ def test_a_folders_safety_checker_is_kept_on(checker, dummy_components_factory, 
 
 needs_toy = pytest.mark.skipif(not (pipeline.TOY_DIR / "model_index.json").exists(),
                                reason="no toy model yet (python -m sdkit.training train)")
-RETRIEVAL_MIN_KINDS = 0.85  # measured on the final toy model: 0.94 (notebooks/10)
+RETRIEVAL_MIN_KINDS = 0.85  # the bar notebook 11 asserts too
 
 
 @needs_toy
-def test_toy_encoder_retrieves_the_right_objects(toy_pipe):
+def test_toy_clip_retrieves_the_right_objects(toy_pipe):
     model = variations.fit(toy_pipe, seed=0, progress=False)
     test = [shapes.make_example(90_000 + i) for i in range(64)]
-    guessed = variations.retrieve(model, toy_pipe, [e.image for e in test])
+    guessed = variations.retrieve(model, [e.image for e in test])
     kinds = np.mean([{(o.colour, o.shape) for o in shapes.parse_caption(g)}
                      == {(o.colour, o.shape) for o in e.objects} for g, e in zip(guessed, test)])
     assert kinds >= RETRIEVAL_MIN_KINDS, kinds
