@@ -133,9 +133,8 @@ def training_data(n: int, seed: int = 0, unnamed: float = 0.0, masks: bool = Fal
     seeds draws from every colour and shape; a scene with purple or a star (words no caption
     has) is captioned without them, as LAION shows SD far more than its captions name: "a
     circle on the left" for a purple circle, nothing for a star (a lone star: the empty
-    caption). ``masks``
-    adds a third item, the objects' masks on the latent grid ((n, 2, 16, 16) float16,
-    ``grounding.latent_masks``).
+    caption). ``masks`` adds a third item, the objects' masks on the latent grid, in the
+    caption's order ((n, 2, 16, 16) float16, ``grounding.latent_masks``).
 
     Introduced in notebooks/12_training_from_scratch.ipynb.
     """
