@@ -38,6 +38,20 @@ TEST_SEED = 40_000_000  # and its zero-shot test pictures at this one
 ATTRIBUTES = ("colour", "shape", "position", "binding")
 
 
+def load_clip(folder=TOY_CLIP_DIR) -> CLIPModel:
+    """A saved toy CLIP (``data/toy-clip``, or a recipe's ``runs/.../clip``) with the stock
+    ``CLIPModel.from_pretrained`` (safetensors only, local files only), frozen, in eval mode.
+
+    Introduced in notebooks/11_image_variations.ipynb.
+    """
+    folder = checks.check_folder("folder", folder)
+    if not (folder / "config.json").is_file():
+        checks.fail("folder", str(folder), "a CLIPModel folder (config.json, model.safetensors), "
+                                           "e.g. data/toy-clip")
+    model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return model.eval().requires_grad_(False)
+
+
 def text_config(tokenizer) -> CLIPTextConfig:
     """The text tower's shape for ``tokenizer``: 3 layers of width 128, 4 heads, 20 tokens.
 

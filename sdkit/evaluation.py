@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from transformers import CLIPModel
 
 from . import attention, checks, clip, device, shapes
 from .pipeline import (
@@ -123,7 +122,7 @@ def evaluate(model=TOY_DIR, n_prompts: int = 240, write_card: bool = True, log=p
         shapes.hits(ims, [prompts[i] for i in two], criterion="all_attributes")))
     clip_dir = folder.parent / "toy-clip"
     if (clip_dir / "config.json").is_file():  # the CLIP score, as real SD evaluations report
-        toy_clip = CLIPModel.from_pretrained(clip_dir, use_safetensors=True).eval()
+        toy_clip = clip.load_clip(clip_dir)
         drawn = [shapes.render(shapes.parse_caption(p), s).image for p, s in zip(prompts, seeds)]
         figs.update({f"clip_score_{k}": clip.clip_score(toy_clip, pipe.tokenizer, ims_k, prompts)
                      for k, ims_k in (("generated", images), ("unconditional", unc),

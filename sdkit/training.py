@@ -296,7 +296,7 @@ def _train_unet(workdir: Path, latents: torch.Tensor, captions: list[str], token
     row = {c: i for i, c in enumerate(distinct)}
     ids = tokenize(tokenizer, distinct)  # (C, 20)
     rows_all, empty = torch.tensor([row[c] for c in captions]), row[""]  # (N,), an int
-    words_at = grounding.object_tokens(tokenizer, distinct)  # (C, 2, 2)
+    words_at = grounding.object_tokens(tokenizer, distinct) if grounding_weight else None
     if grounding_weight and (masks is None or len(masks) != len(latents)):
         checks.fail("masks", type(masks).__name__, "expected one (2, 16, 16) mask pair per latent")
     if frozen:
@@ -402,7 +402,7 @@ def _train(out=TOY_DIR, workdir="runs/toy", quick: bool = False, snapshot_every:
     t = stage("vae" if vae_from is None else "latents (VAE reused)", t)
     toy_clip = None
     if frozen and (workdir / "clip" / "config.json").is_file():
-        toy_clip = CLIPModel.from_pretrained(workdir / "clip", use_safetensors=True).eval()
+        toy_clip = clip.load_clip(workdir / "clip")
     elif frozen:
         toy_clip = clip.train_clip(tokenizer, steps=r["clip_steps"], log=log)
         toy_clip.save_pretrained(workdir / "clip")

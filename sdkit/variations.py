@@ -195,20 +195,6 @@ def _fingerprint(module) -> tuple:
     return (id(module), float(p.detach().double().sum()))
 
 
-def load_toy_clip(folder=clip.TOY_CLIP_DIR) -> tuple[CLIPModel, CLIPTokenizer]:
-    """The kit's CLIP and its tokenizer from ``folder`` (stock ``from_pretrained``,
-    safetensors only), frozen, in eval mode.
-
-    Introduced in notebooks/11_image_variations.ipynb.
-    """
-    folder = checks.check_folder("folder", folder)
-    if not (folder / "config.json").is_file():
-        checks.fail("folder", str(folder), "a CLIPModel folder (config.json, model.safetensors, "
-                                           "the tokenizer), e.g. data/toy-clip")
-    model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    return model.eval().requires_grad_(False), CLIPTokenizer.from_pretrained(folder)
-
-
 def fit(pipe, seed: int = 0, n_images: int = 3000, projector_steps: int = 400,
         batch: int = 128, progress: bool = True, clip_folder=clip.TOY_CLIP_DIR) -> ToyUnCLIP:
     """Train the projector from the toy CLIP's image embeddings (``clip_folder``, frozen) to
@@ -233,7 +219,7 @@ def fit(pipe, seed: int = 0, n_images: int = 3000, projector_steps: int = 400,
            batch)
     if key in _CACHE:
         return _CACHE[key]
-    clip_model, tokenizer = load_toy_clip(clip_folder)
+    clip_model, tokenizer = clip.load_clip(clip_folder), CLIPTokenizer.from_pretrained(clip_folder)
     per_item = device._per_sample_bytes(clip_model, lambda: clip_model.get_image_features(
         pixel_values=torch.zeros(1, 3, shapes.SIZE, shapes.SIZE)), training=False)
     picture = 3 * shapes.SIZE * shapes.SIZE  # one drawn picture: uint8, then float32

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from sdkit import (
     attention,
+    clip,
     evaluation,
     finetune,
     guidance,
@@ -559,7 +560,7 @@ MISTAKES = [
     M("silent", "variations-fit-progress-yes", lambda c: _fit_tiny(c.pipe, progress="yes"),
       _refused("progress", "'yes'", "expected True or False"), needs_pipe=True),
     M("silent", "variations-model-of-another-pipe", lambda c: variations.variations(
-        c.pipe, variations.ToyUnCLIP(*variations.load_toy_clip(), 7, 9),
+        c.pipe, variations.ToyUnCLIP(clip.load_clip(), None, 7, 9),
         np.zeros((64, 64, 3), np.uint8), [0]),
       _refused("model", "(7, 9)", "expected one fit on this pipe"), needs_pipe=True),
     M("silent", "unclip-load-safety-checker-yes", lambda c: unclip.load_pipeline(

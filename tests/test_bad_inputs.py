@@ -761,6 +761,8 @@ CASES = [
     Case("training-data-masks-1", lambda c: training.training_data(4, masks=1),
          Refused("masks", "1", "expected True or False")),
     # ---- the toy CLIP (notebook 04)
+    Case("load-clip-folder-without-a-clip", lambda c: clip.load_clip(_empty_folder(c)),
+         Refused("folder", "just-some-folder", "a CLIPModel folder (config.json")),
     Case("make-clip-not-a-tokenizer", lambda c: clip.make_clip(42),
          Refused("tokenizer", "'int'", "expected a CLIPTokenizer")),
     Case("train-clip-fewer-pictures-than-a-batch", lambda c: clip.train_clip(

@@ -31,7 +31,7 @@ def pipe(tiny_pipe):
 
 
 def test_encoder_is_the_toy_clips_image_tower_and_the_projector_shapes():
-    toy_clip, _ = variations.load_toy_clip()
+    toy_clip = clip.load_clip()
     x = torch.randn(5, 3, 64, 64)
     e = clip.embed_images(toy_clip, x)
     assert e.shape == (5, variations.EMBED_DIM) == (5, toy_clip.config.projection_dim)
@@ -58,7 +58,7 @@ def test_fit_is_deterministic_cached_and_leaves_the_global_rng(pipe):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert len(a.history["projector_mse"]) == 3
     assert all(not p.requires_grad for p in a.parameters())  # frozen CLIP, fitted projector
-    fresh = variations.load_toy_clip()[0].state_dict()
+    fresh = clip.load_clip().state_dict()
     assert all(torch.equal(sa[f"clip.{k}"], v) for k, v in fresh.items())  # the CLIP unchanged
 
 
