@@ -149,7 +149,8 @@ def _training_text(tr: dict) -> str:
             f"{' (' + str(tr['decoder_minutes']) + ' min)' if 'decoder_minutes' in tr else ''}. "
             + (f"Toy CLIP: {r['clip_steps']} contrastive steps (notebook 04); UNet on its frozen "
                f"text tower, {r.get('unnamed', 0):.0%} of pictures of every colour and shape "
-               f"(purple or star captioned with the empty prompt)"
+               f"(no caption says purple or star: a purple object is called red or blue, a star "
+               f"is left out)"
                + (f", token-grounding loss weight {r['grounding']} (`sdkit.grounding`)"
                   if r.get("grounding") else "") + ": " if "clip_steps" in r
                else "UNet and text encoder: ")

@@ -46,6 +46,7 @@ QUICK = dict(n_images=4_000, vae_steps=300, unet_steps=300, unet_batch=32, decod
 # --text-encoder clip: the toy CLIP (notebook 04) trained first and read frozen; not shipped
 CLIP_RECIPE = dict(RECIPE, unnamed=0.08, clip_steps=1200, unet_steps=2500,
                    grounding=0.1)  # the token-grounding loss's weight (sdkit.grounding)
+NEAR_PURPLE = ("red", "blue")  # the named colours a purple object is captioned by (CLIP_RECIPE)
 HELDOUT_SEED = 10_000_000  # the held-out pictures of the VAE's PSNR start at this seed
 
 # ------------------------------------------------------------------------------ the models
@@ -130,11 +131,11 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Stable
 def training_data(n: int, seed: int = 0, unnamed: float = 0.0, masks: bool = False):
     """``n`` training examples (uint8 (n, 64, 64, 3), captions) from seeds ``seed...``,
     skipping the held-out captions (``shapes.heldout_captions``). An ``unnamed`` share of the
-    seeds draws from every colour and shape; a scene with purple or a star (words no caption
-    has) is captioned without them, as LAION shows SD far more than its captions name: "a
-    circle on the left" for a purple circle, nothing for a star (a lone star: the empty
-    caption). ``masks`` adds a third item, the objects' masks on the latent grid, in the
-    caption's order ((n, 2, 16, 16) float16, ``grounding.latent_masks``).
+    seeds draws from every colour and shape; no caption says purple or star, as LAION shows
+    SD far more than its captions name: a purple object is called by a near named colour,
+    red or blue at random ("a blue circle on the left" for a purple circle), and a star is
+    left out (a lone star: the empty caption). ``masks`` adds the objects' masks on the
+    latent grid, in the caption's order ((n, 2, 16, 16) float16, ``grounding.latent_masks``).
 
     Introduced in notebooks/12_training_from_scratch.ipynb.
     """
@@ -144,13 +145,14 @@ def training_data(n: int, seed: int = 0, unnamed: float = 0.0, masks: bool = Fal
     device.check_memory("n", n, 2 * n * 3 * shapes.SIZE**2, f"{n:,} pictures (uint8)", "cpu")
     held, train = shapes.heldout_captions(), set(shapes.TRAIN_COLOURS + shapes.TRAIN_SHAPES)
 
-    def draw(s):  # no caption names purple or a star: a purple object's colour is left out,
-        if np.random.default_rng([s, 2]).random() >= unnamed:  # a star is left out
+    def draw(s):  # no caption names purple or a star: a purple object is called by a near
+        rng = np.random.default_rng([s, 2])  # named colour, red or blue; a star is left out
+        if rng.random() >= unnamed:
             return shapes.make_example(s)
         e = shapes.make_example(s, colours=tuple(shapes.COLOURS), shapes=shapes.SHAPES)
         kept = [(o, m) for o, m in zip(e.objects, e.masks) if o.shape in train]
-        words = [o.phrase.replace(f" {o.colour} ", " ") if o.colour not in train else o.phrase
-                 for o, _ in kept]
+        words = [o.phrase.replace(f" {o.colour} ", f" {rng.choice(NEAR_PURPLE)} ")
+                 if o.colour not in train else o.phrase for o, _ in kept]
         return dataclasses.replace(e, caption=" and ".join(words), masks=tuple(m for _, m in kept))
 
     drawn = (draw(s) for s in itertools.count(seed))
